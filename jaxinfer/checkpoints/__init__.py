@@ -1,0 +1,1 @@
+"""Checkpoint readers: each returns (ModelConfig, Params) fully checked, or raises before building anything."""

@@ -1,0 +1,281 @@
+"""prefill, decode_step and the whole decode loop inside one jit; the host-side `generate` and `score`.
+
+Shapes are bucketed (batch, prompt length and token budget to powers of two) so that a stream of
+requests compiles a handful of programs, not one per request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer import kv_cache, model
+from jaxinfer import sampling as sampling_lib
+from jaxinfer.config import ModelConfig
+from jaxinfer.page_allocator import PageAllocator
+
+MIN_PROMPT_BUCKET = 16
+MIN_NEW_TOKENS_BUCKET = 16
+MIN_STOP_IDS_BUCKET = 4
+DEFAULT_PAGE_SIZE = 16
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """The smallest power of two >= max(n, minimum)."""
+    return 1 << (max(n, minimum) - 1).bit_length()
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled steps
+
+
+def _prefill(params, cfg, tokens, positions, cache, seq_ids, attention_backend=None):
+    """tokens [B, T] right-padded (positions -1) -> (logits of each row's last real token [B, V], cache)."""
+    hidden, cache = model.forward_hidden(params, cfg, tokens, positions, cache, seq_ids, attention_backend)
+    last = jnp.argmax(positions, axis=1)  # [B]: the highest position is the last real token
+    h_last = hidden[jnp.arange(tokens.shape[0]), last]  # [B, D]
+    return model.logits(params, cfg, h_last), cache
+
+
+def _decode_step(params, cfg, tokens, cache, seq_ids, active, attention_backend=None):
+    """tokens [B] -> (logits [B, V], cache); inactive rows write nothing and keep their length."""
+    positions = jnp.where(active, cache.lengths[seq_ids], -1)[:, None]  # [B, 1]
+    logits, cache = model.forward(params, cfg, tokens[:, None], positions, cache, seq_ids, attention_backend)
+    return logits[:, 0], cache
+
+
+_STATIC = ("cfg", "attention_backend")
+prefill = jax.jit(_prefill, static_argnames=_STATIC, donate_argnames=("cache",))
+decode_step = jax.jit(_decode_step, static_argnames=_STATIC, donate_argnames=("cache",))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    step: jax.Array  # [] int32: tokens emitted so far by the longest-running row
+    last: jax.Array  # [B] int32: each row's newest token
+    tokens: jax.Array  # [B, M] int32 output buffer
+    num_tokens: jax.Array  # [B] int32
+    stopped: jax.Array  # [B] bool: ended on a stop token
+    done: jax.Array  # [B] bool: stopped or at its token limit
+    seen: jax.Array  # [B, V] bool: tokens in prompt or output (repetition penalty)
+    cache: kv_cache.KVCache
+
+
+def _emit(state: DecodeState, logits, params_arrays, keys, stop_ids, limits) -> DecodeState:
+    """Sample one token per row from logits [B, V] and append it where the row is still running."""
+    B = logits.shape[0]
+    tok = sampling_lib.sample(logits, params_arrays, sampling_lib.step_keys(keys, state.step), state.seen)  # [B]
+    active = ~state.done
+    tok = jnp.where(active, tok, 0)
+    num_tokens = state.num_tokens + active
+    stopped = state.stopped | (active & jnp.any(tok[:, None] == stop_ids, axis=1))
+    return dataclasses.replace(
+        state,
+        step=state.step + 1,
+        last=tok,
+        tokens=state.tokens.at[:, state.step].set(tok),
+        num_tokens=num_tokens,
+        stopped=stopped,
+        done=state.done | stopped | (num_tokens >= limits),
+        seen=state.seen.at[jnp.arange(B), tok].max(active),
+    )
+
+
+def _generate_loop(
+    params,
+    cfg: ModelConfig,
+    first_logits,  # [B, V] float32 from prefill
+    cache,
+    seq_ids,  # [B] int32
+    sampling_arrays: sampling_lib.SamplingArrays,
+    keys,  # [B] per-row PRNG keys
+    stop_ids,  # [B, S] int32, -1 padded
+    limits,  # [B] int32 max new tokens per row; 0 for padding rows
+    seen,  # [B, V] bool
+    *,
+    max_new_tokens: int,  # M, static: the output buffer's width
+    attention_backend=None,
+):
+    """Sample, then decode until every row has hit a stop token or its limit: one while_loop, one program."""
+    B = first_logits.shape[0]
+    state = DecodeState(
+        step=jnp.zeros((), jnp.int32),
+        last=jnp.zeros((B,), jnp.int32),
+        tokens=jnp.zeros((B, max_new_tokens), jnp.int32),
+        num_tokens=jnp.zeros((B,), jnp.int32),
+        stopped=jnp.zeros((B,), bool),
+        done=limits <= 0,
+        seen=seen,
+        cache=cache,
+    )
+    emit = functools.partial(_emit, params_arrays=sampling_arrays, keys=keys, stop_ids=stop_ids, limits=limits)
+    state = emit(state, first_logits)
+
+    def cond(state):
+        return (state.step < max_new_tokens) & ~jnp.all(state.done)
+
+    def body(state):
+        logits, cache = _decode_step(params, cfg, state.last, state.cache, seq_ids, ~state.done, attention_backend)
+        return emit(dataclasses.replace(state, cache=cache), logits)
+
+    state = jax.lax.while_loop(cond, body, state)
+    return state.tokens, state.num_tokens, state.stopped, state.cache
+
+
+generate_loop = jax.jit(
+    _generate_loop, static_argnames=("cfg", "max_new_tokens", "attention_backend"), donate_argnames=("cache",)
+)
+
+
+def _score(params, cfg, tokens, positions, cache, seq_ids, attention_backend=None):
+    return model.forward(params, cfg, tokens, positions, cache, seq_ids, attention_backend)
+
+
+score_forward = jax.jit(_score, static_argnames=_STATIC, donate_argnames=("cache",))
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: validation, bucketing, page allocation
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    tokens: list[int]
+    text: str | None
+    finish_reason: str  # "stop" | "length"
+
+
+def _check_prompts(prompts, model_, max_new_tokens: int) -> list[list[int]]:
+    """Token-id lists for prompts (strings encoded), each checked to fit with max_new_tokens in the context."""
+    cfg = model_.cfg
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise ValueError(f"prompts must be a non-empty list of token-id lists or strings, got {prompts!r:.80}")
+    token_lists = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            if model_.tokenizer is None:
+                raise ValueError(f"prompts[{i}] is a string but the model has no tokenizer; pass token ids")
+            prompt = model_.tokenizer.encode(prompt)
+        ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError(f"prompts[{i}] is empty")
+        bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompts[{i}] has token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
+        if len(ids) + max_new_tokens > cfg.max_position_embeddings:
+            raise ValueError(
+                f"prompts[{i}] length {len(ids)} + max_new_tokens={max_new_tokens} exceeds the model's context "
+                f"max_position_embeddings={cfg.max_position_embeddings}"
+            )
+        token_lists.append(ids)
+    return token_lists
+
+
+def _sampling_list(sampling_params, n: int) -> list[sampling_lib.SamplingParams]:
+    if sampling_params is None:
+        return [sampling_lib.SamplingParams()] * n
+    if isinstance(sampling_params, sampling_lib.SamplingParams):
+        return [sampling_params] * n
+    params = list(sampling_params)
+    if len(params) != n or not all(isinstance(p, sampling_lib.SamplingParams) for p in params):
+        raise ValueError(f"sampling must be one SamplingParams or a list of {n} (one per prompt)")
+    return params
+
+
+def _padded_batch(token_lists: list[list[int]], batch: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """-> tokens [batch, length] and positions [batch, length] (-1 on padding)."""
+    tokens = np.zeros((batch, length), np.int32)
+    positions = np.full((batch, length), -1, np.int32)
+    for i, ids in enumerate(token_lists):
+        tokens[i, : len(ids)] = ids
+        positions[i, : len(ids)] = np.arange(len(ids))
+    return tokens, positions
+
+
+def _new_cache(cfg, token_budgets: list[int], batch: int, seq_capacity: int, page_size: int, num_pages: int | None):
+    """Allocate pages for each sequence's token budget (all or nothing), then build the device cache."""
+    pages_per_seq = -(-seq_capacity // page_size)
+    num_pages = batch * pages_per_seq if num_pages is None else num_pages
+    allocator = PageAllocator(num_pages, page_size, pages_per_seq)
+    allocator.reserve(dict(enumerate(token_budgets)))  # raises PagePoolExhausted before any device work
+    cache = kv_cache.init_cache(
+        cfg, num_pages=num_pages, page_size=page_size, max_seqs=batch, pages_per_seq=pages_per_seq
+    )
+    return dataclasses.replace(cache, page_table=jnp.asarray(allocator.page_table(batch)))
+
+
+def generate(
+    model_,
+    prompts,
+    max_new_tokens: int = 32,
+    sampling: sampling_lib.SamplingParams | Sequence[sampling_lib.SamplingParams] | None = None,
+    seed: int = 0,
+    *,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    num_pages: int | None = None,
+    attention_backend: str | None = None,
+) -> list[GenerationOutput]:
+    """Generate for a ragged batch of prompts; row i samples with keys derived from (seed, i)."""
+    if not (isinstance(max_new_tokens, (int, np.integer)) and max_new_tokens >= 1):
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
+    token_lists = _check_prompts(prompts, model_, max_new_tokens)
+    params_list = _sampling_list(sampling, len(token_lists))
+    cfg = model_.cfg
+    n = len(token_lists)
+    B = bucket(n)
+    T = bucket(max(len(t) for t in token_lists), MIN_PROMPT_BUCKET)
+    M = bucket(max_new_tokens, MIN_NEW_TOKENS_BUCKET)
+    cache = _new_cache(cfg, [len(t) + max_new_tokens for t in token_lists], B, T + M, page_size, num_pages)
+
+    tokens, positions = _padded_batch(token_lists, B, T)
+    seq_ids = jnp.arange(B, dtype=jnp.int32)
+    logits, cache = prefill(model_.params, cfg, tokens, positions, cache, seq_ids, attention_backend)
+
+    stops = [sorted(set(cfg.eos_token_ids) | set(p.stop_token_ids)) for p in params_list]
+    stop_ids = np.full((B, bucket(max(map(len, stops), default=1), MIN_STOP_IDS_BUCKET)), -1, np.int32)
+    for i, ids in enumerate(stops):
+        stop_ids[i, : len(ids)] = ids
+    limits = np.zeros((B,), np.int32)
+    limits[:n] = max_new_tokens
+    seen = np.zeros((B, cfg.vocab_size), bool)
+    for i, ids in enumerate(token_lists):
+        seen[i, ids] = True
+    out, num_out, stopped, _ = generate_loop(
+        model_.params,
+        cfg,
+        logits,
+        cache,
+        seq_ids,
+        sampling_lib.SamplingArrays.from_params(params_list, B),
+        sampling_lib.row_keys(seed, B),
+        stop_ids,
+        limits,
+        seen,
+        max_new_tokens=M,
+        attention_backend=attention_backend,
+    )
+    out, num_out, stopped = np.asarray(out), np.asarray(num_out), np.asarray(stopped)
+    results = []
+    for i in range(n):
+        ids = out[i, : num_out[i]].tolist()
+        text = model_.tokenizer.decode(ids) if model_.tokenizer is not None else None
+        results.append(GenerationOutput(ids, text, "stop" if stopped[i] else "length"))
+    return results
+
+
+def score(model_, token_ids, *, page_size: int = DEFAULT_PAGE_SIZE, attention_backend: str | None = None):
+    """Logits at every position of one sequence: np.ndarray [T, V] float32."""
+    (ids,) = _check_prompts([token_ids], model_, 0)
+    T = bucket(len(ids), MIN_PROMPT_BUCKET)
+    cache = _new_cache(model_.cfg, [len(ids)], 1, T, page_size, None)
+    tokens, positions = _padded_batch([ids], 1, T)
+    logits, _ = score_forward(
+        model_.params, model_.cfg, tokens, positions, cache, jnp.zeros((1,), jnp.int32), attention_backend
+    )
+    return np.asarray(logits[0, : len(ids)])

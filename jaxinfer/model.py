@@ -1,0 +1,234 @@
+"""The whole decoder as pure functions: embed -> N x (norm, attention, norm, MLP) -> norm -> logits.
+
+Einsum letters: B batch, T query length, S key length, D d_model, F ffn, N q heads, K kv heads,
+G = N // K, H head_dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer import attention as attn
+from jaxinfer import kv_cache
+from jaxinfer.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One declaration per tensor: init, abstract shapes and shardings are derived from it."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]  # logical axis names, one per dim; sharding rules map them to mesh axes
+    init: str = "normal"  # "normal" | "ones" | "zeros"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Layer:
+    attn_norm: jax.Array  # [D]
+    wq: jax.Array  # [D, N, H]
+    wk: jax.Array  # [D, K, H]
+    wv: jax.Array  # [D, K, H]
+    bq: jax.Array | None  # [N, H], qkv_bias only
+    bk: jax.Array | None  # [K, H]
+    bv: jax.Array | None  # [K, H]
+    wo: jax.Array  # [N, H, D]
+    mlp_norm: jax.Array  # [D]
+    w_gate: jax.Array  # [D, F]
+    w_up: jax.Array  # [D, F]
+    w_down: jax.Array  # [F, D]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Params:
+    embed: jax.Array  # [V, D]
+    layers: tuple[Layer, ...]  # num_layers
+    final_norm: jax.Array  # [D]
+    lm_head: jax.Array | None  # [D, V]; None when tied to embed
+
+
+def param_specs(cfg: ModelConfig) -> Params:
+    """The Params pytree with a TensorSpec at every leaf."""
+    D, F, N, K, H, V = cfg.d_model, cfg.ffn_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
+    bias = cfg.qkv_bias
+
+    def layer() -> Layer:
+        return Layer(
+            attn_norm=TensorSpec((D,), ("embed",), "ones"),
+            wq=TensorSpec((D, N, H), ("embed", "heads", "head_dim")),
+            wk=TensorSpec((D, K, H), ("embed", "kv_heads", "head_dim")),
+            wv=TensorSpec((D, K, H), ("embed", "kv_heads", "head_dim")),
+            bq=TensorSpec((N, H), ("heads", "head_dim")) if bias else None,
+            bk=TensorSpec((K, H), ("kv_heads", "head_dim")) if bias else None,
+            bv=TensorSpec((K, H), ("kv_heads", "head_dim")) if bias else None,
+            wo=TensorSpec((N, H, D), ("heads", "head_dim", "embed")),
+            mlp_norm=TensorSpec((D,), ("embed",), "ones"),
+            w_gate=TensorSpec((D, F), ("embed", "ffn")),
+            w_up=TensorSpec((D, F), ("embed", "ffn")),
+            w_down=TensorSpec((F, D), ("ffn", "embed")),
+        )
+
+    return Params(
+        embed=TensorSpec((V, D), ("vocab", "embed")),
+        layers=tuple(layer() for _ in range(cfg.num_layers)),
+        final_norm=TensorSpec((D,), ("embed",), "ones"),
+        lm_head=None if cfg.tie_embeddings else TensorSpec((D, V), ("embed", "vocab")),
+    )
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, TensorSpec)
+
+
+def abstract_params(cfg: ModelConfig) -> Params:
+    """ShapeDtypeStructs for every weight: eval_shape and loaders check against these."""
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, cfg.jnp_dtype), param_specs(cfg), is_leaf=_is_spec)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.02) -> Params:
+    """Random weights (for tests and benchmarks: decode speed does not depend on their values)."""
+    specs = param_specs(cfg)
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
+    keys = jax.random.split(key, len(leaves))
+
+    def init(spec: TensorSpec, k: jax.Array) -> jax.Array:
+        if spec.init == "ones":
+            return jnp.ones(spec.shape, cfg.jnp_dtype)
+        if spec.init == "zeros":
+            return jnp.zeros(spec.shape, cfg.jnp_dtype)
+        return _normal(k, spec.shape, cfg.jnp_dtype, scale)
+
+    return jax.tree.unflatten(treedef, [init(s, k) for s, k in zip(leaves, keys)])
+
+
+def _normal(key, shape, dtype, scale):
+    return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+_normal = jax.jit(_normal, static_argnums=(1, 2, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """x [..., D]; normalized in float32, cast back, then scaled (HF's order of operations)."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * x32.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """[H // 2] float32 inverse frequencies, scaled as cfg.rope_scaling says; host-side constants."""
+    inv_freq = (1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float32) / cfg.head_dim))).astype(
+        np.float32
+    )
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    if s.kind == "linear":
+        return (inv_freq / s.factor).astype(np.float32)
+    # llama3: keep high frequencies, divide low ones by factor, interpolate smoothly between.
+    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """x [B, T, heads, H], positions [B, T]: rotate the two halves of each head (HF's rotate_half layout)."""
+    angles = positions.astype(jnp.float32)[:, :, None] * inv_freq  # [B, T, H/2]
+    cos = jnp.cos(angles)[:, :, None, :]  # [B, T, 1, H/2]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)  # [B, T, heads, H/2] each
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def mlp(layer: Layer, x: jax.Array) -> jax.Array:
+    """SwiGLU: x [B, T, D] -> [B, T, D]."""
+    gate = jnp.einsum("BTD,DF->BTF", x, layer.w_gate)
+    up = jnp.einsum("BTD,DF->BTF", x, layer.w_up)
+    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, layer.w_down)
+
+
+def attention_block(layer, cfg, x, positions, k_pages, v_pages, page_table, kv_lengths, backend):
+    """x [B, T, D] -> ([B, T, D], k_pages, v_pages): project, rotate, write the cache, attend, project out."""
+    q = jnp.einsum("BTD,DNH->BTNH", x, layer.wq)
+    k = jnp.einsum("BTD,DKH->BTKH", x, layer.wk)
+    v = jnp.einsum("BTD,DKH->BTKH", x, layer.wv)
+    if cfg.qkv_bias:
+        q, k, v = q + layer.bq, k + layer.bk, v + layer.bv
+    inv_freq = rope_inv_freq(cfg)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    k_pages, v_pages = kv_cache.write(k_pages, v_pages, k, v, page_table, positions)
+    o = attn.attention(
+        q, k_pages, v_pages, page_table, positions, kv_lengths, sliding_window=cfg.sliding_window, backend=backend
+    )  # [B, T, N, H]
+    return jnp.einsum("BTNH,NHD->BTD", o, layer.wo), k_pages, v_pages
+
+
+# ---------------------------------------------------------------------------------------------
+# The forward pass
+
+
+def forward_hidden(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: jax.Array,  # [B, T] int32
+    positions: jax.Array,  # [B, T] int32 absolute positions; -1 marks padding (not written, not attended)
+    cache: kv_cache.KVCache,
+    seq_ids: jax.Array,  # [B] int32: row b reads and writes cache sequence seq_ids[b]
+    attention_backend: str | None = None,
+) -> tuple[jax.Array, kv_cache.KVCache]:
+    """-> (final-normed hidden states [B, T, D], cache with this chunk's K/V written)."""
+    page_table = cache.page_table[seq_ids]  # [B, pages_per_seq]
+    kv_lengths = jnp.maximum(cache.lengths[seq_ids], jnp.max(positions, axis=1) + 1)  # [B]
+    with jax.named_scope("embed"):
+        x = params.embed[tokens]  # [B, T, D]
+    k_pages, v_pages = list(cache.k_pages), list(cache.v_pages)
+    for i, layer in enumerate(params.layers):
+        with jax.named_scope(f"layer_{i}"):
+            with jax.named_scope("attention"):
+                h = rms_norm(x, layer.attn_norm, cfg.norm_eps)
+                h, k_pages[i], v_pages[i] = attention_block(
+                    layer, cfg, h, positions, k_pages[i], v_pages[i], page_table, kv_lengths, attention_backend
+                )
+                x = x + h
+            with jax.named_scope("mlp"):
+                x = x + mlp(layer, rms_norm(x, layer.mlp_norm, cfg.norm_eps))
+    x = rms_norm(x, params.final_norm, cfg.norm_eps)
+    cache = kv_cache.KVCache(
+        k_pages=tuple(k_pages),
+        v_pages=tuple(v_pages),
+        page_table=cache.page_table,
+        lengths=cache.lengths.at[seq_ids].set(kv_lengths),
+    )
+    return x, cache
+
+
+def logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
+    """hidden [..., D] -> logits [..., V] float32 (tied head reuses the embedding)."""
+    with jax.named_scope("logits"):
+        if params.lm_head is None:
+            return jnp.einsum("...D,VD->...V", hidden, params.embed, preferred_element_type=jnp.float32)
+        return jnp.einsum("...D,DV->...V", hidden, params.lm_head, preferred_element_type=jnp.float32)
+
+
+def forward(params, cfg, tokens, positions, cache, seq_ids, attention_backend=None):
+    """tokens [B, T] -> (logits [B, T, V] float32, cache). See forward_hidden for the arguments."""
+    hidden, cache = forward_hidden(params, cfg, tokens, positions, cache, seq_ids, attention_backend)
+    return logits(params, cfg, hidden), cache

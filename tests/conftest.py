@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny random-weight HF checkpoints written with transformers' save_pretrained."""
+
+from __future__ import annotations
+
+import os
+
+# Several CPU devices for the sharding tests; must be set before jax initializes its backend.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
+
+# Tiny configs of each supported family; each exercises one feature the others do not.
+HF_CONFIGS = {
+    "llama3": dict(
+        arch="LlamaForCausalLM",
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+        rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 32},
+    ),
+    "mistral": dict(
+        arch="MistralForCausalLM",
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+        rope_theta=10000.0, sliding_window=8, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    ),
+    "qwen2": dict(
+        arch="Qwen2ForCausalLM",
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+    ),
+}
+
+
+def make_hf_model(family: str, seed: int = 0):
+    """A transformers model of the family with every weight random (biases and norms too), float32."""
+    import torch
+    import transformers
+
+    kwargs = dict(HF_CONFIGS[family])
+    arch = kwargs.pop("arch")
+    config_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    config = config_cls(**kwargs)
+    config.architectures = [arch]
+    torch.manual_seed(seed)
+    hf = getattr(transformers, arch)._from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.08 * torch.randn_like(p))
+    return hf
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """family -> (directory written by save_pretrained, the transformers model); built once per session."""
+    made = {}
+
+    def get(family: str):
+        if family not in made:
+            path = tmp_path_factory.mktemp(f"hf-{family}")
+            hf = make_hf_model(family)
+            hf.save_pretrained(path)
+            made[family] = (path, hf)
+        return made[family]
+
+    return get
+
+
+def random_prompts(vocab_size: int, lengths, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab_size, size=n).tolist() for n in lengths]
