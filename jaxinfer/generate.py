@@ -198,7 +198,7 @@ def _padded_batch(token_lists: list[list[int]], batch: int, length: int) -> tupl
     return tokens, positions
 
 
-def _new_cache(cfg, token_budgets: list[int], batch: int, seq_capacity: int, page_size: int, num_pages: int | None):
+def allocate_cache(cfg, token_budgets: list[int], batch: int, seq_capacity: int, page_size: int, num_pages: int | None):
     """Allocate pages for each sequence's token budget (all or nothing), then build the device cache."""
     pages_per_seq = -(-seq_capacity // page_size)
     num_pages = batch * pages_per_seq if num_pages is None else num_pages
@@ -231,7 +231,7 @@ def generate(
     B = bucket(n)
     T = bucket(max(len(t) for t in token_lists), MIN_PROMPT_BUCKET)
     M = bucket(max_new_tokens, MIN_NEW_TOKENS_BUCKET)
-    cache = _new_cache(cfg, [len(t) + max_new_tokens for t in token_lists], B, T + M, page_size, num_pages)
+    cache = allocate_cache(cfg, [len(t) + max_new_tokens for t in token_lists], B, T + M, page_size, num_pages)
 
     tokens, positions = _padded_batch(token_lists, B, T)
     seq_ids = jnp.arange(B, dtype=jnp.int32)
@@ -273,7 +273,7 @@ def score(model_, token_ids, *, page_size: int = DEFAULT_PAGE_SIZE, attention_ba
     """Logits at every position of one sequence: np.ndarray [T, V] float32."""
     (ids,) = _check_prompts([token_ids], model_, 0)
     T = bucket(len(ids), MIN_PROMPT_BUCKET)
-    cache = _new_cache(model_.cfg, [len(ids)], 1, T, page_size, None)
+    cache = allocate_cache(model_.cfg, [len(ids)], 1, T, page_size, None)
     tokens, positions = _padded_batch([ids], 1, T)
     logits, _ = score_forward(
         model_.params, model_.cfg, tokens, positions, cache, jnp.zeros((1,), jnp.int32), attention_backend

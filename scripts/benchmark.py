@@ -1,0 +1,129 @@
+"""Prefill and decode speed of a random-weight preset, printed with the roofline terms.
+
+    python scripts/benchmark.py --preset llama-2-7b --batch 1 32 --context 512 --prompt-len 2048 --gpu h100
+
+Decode runs the real product path, `generate_loop` (the whole loop in one jit), over a cache already holding
+`--context` tokens per sequence; weights and cache contents are random (speed does not depend on them).
+Times are medians over `--iters` runs after `--warmup`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxinfer
+from jaxinfer import roofline
+from jaxinfer.generate import allocate_cache, generate_loop, prefill
+from jaxinfer.sampling import SamplingArrays, SamplingParams, row_keys
+
+
+def median_seconds(fn, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_prefill(model, batch: int, prompt_len: int, page_size: int, warmup: int, iters: int) -> float:
+    """Seconds for one prefill of `batch` prompts of `prompt_len` tokens (time to first token, sampling aside)."""
+    cfg = model.cfg
+    cache = allocate_cache(cfg, [prompt_len] * batch, batch, prompt_len, page_size, None)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
+    seq_ids = jnp.arange(batch, dtype=jnp.int32)
+    state = {"cache": cache}
+
+    def run():
+        logits, state["cache"] = prefill(model.params, cfg, tokens, positions, state["cache"], seq_ids)
+        return logits
+
+    return median_seconds(run, warmup, iters)
+
+
+def bench_decode(model, batch: int, context: int, steps: int, page_size: int, warmup: int, iters: int) -> float:
+    """Seconds per decode step: `steps` tokens per sequence from one generate_loop call, divided by steps."""
+    cfg = model.cfg
+    cache = allocate_cache(cfg, [context + steps] * batch, batch, context + steps, page_size, None)
+    cache = dataclasses.replace(cache, lengths=jnp.full((batch,), context, jnp.int32))
+    args = dict(
+        seq_ids=jnp.arange(batch, dtype=jnp.int32),
+        sampling_arrays=SamplingArrays.from_params([SamplingParams(temperature=0.0)] * batch, batch),
+        keys=row_keys(0, batch),
+        stop_ids=jnp.full((batch, 1), -1, jnp.int32),  # never stop early: every run decodes `steps` tokens
+        limits=jnp.full((batch,), steps, jnp.int32),
+        seen=jnp.zeros((batch, cfg.vocab_size), bool),
+    )
+    first_logits = jnp.zeros((batch, cfg.vocab_size), jnp.float32)
+    state = {"cache": cache}
+
+    def run():
+        # Each run rewrites the same `steps` positions: lengths go back to `context` first.
+        c = dataclasses.replace(state["cache"], lengths=jnp.full((batch,), context, jnp.int32))
+        tokens, _, _, state["cache"] = generate_loop(model.params, cfg, first_logits, c, max_new_tokens=steps, **args)
+        return tokens
+
+    return median_seconds(run, warmup, iters) / steps
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="llama-2-7b", help="configs/<name>.json or a path")
+    p.add_argument("--dtype", default=None, help="override the preset's dtype")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--context", type=int, nargs="+", default=[512], help="tokens already cached per sequence")
+    p.add_argument("--prompt-len", type=int, default=2048, help="prefill length for TTFT (0 skips prefill)")
+    p.add_argument("--prefill-batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=64, help="decode steps per timed generate_loop call")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--gpu", default=None, help=f"peaks for MBU/MFU, one of {sorted(roofline.GPUS)}")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+
+    gpu = roofline.gpu(args.gpu) if args.gpu else None
+    model = jaxinfer.random_model(args.preset, dtype=args.dtype)
+    cfg = model.cfg
+    kv_elem = jnp.dtype(cfg.dtype).itemsize
+    print(
+        f"{args.preset} {cfg.dtype}, {roofline.param_count(cfg) / 1e9:.2f} B params, jax {jax.__version__} on "
+        f"{jax.devices()[0].device_kind}, page_size {args.page_size}"
+    )
+    results = []
+    if args.prompt_len:
+        b, n = args.prefill_batch, args.prompt_len
+        t = bench_prefill(model, b, n, args.page_size, args.warmup, args.iters)
+        flops = roofline.prefill_flops(cfg, n, b, all_logits=False)
+        line = f"prefill batch {b} prompt {n}: TTFT {1e3 * t:.1f} ms, {b * n / t:.0f} tok/s, {flops / t / 1e12:.2f} TFLOP/s"
+        if gpu:
+            line += f" ({100 * roofline.mfu(flops, t, gpu):.1f}% MFU on {gpu.name})"
+        print(line)
+        results.append(dict(kind="prefill", batch=b, prompt_len=n, seconds=t))
+    for b in args.batch:
+        for c in args.context:
+            t = bench_decode(model, b, c, args.steps, args.page_size, args.warmup, args.iters)
+            nbytes = roofline.decode_step_bytes(cfg, b, c, kv_bytes_per_elem=kv_elem)
+            print(f"decode batch {b} context {c}: {1e3 * t:.2f} ms/token, {b / t:.0f} tok/s, {nbytes / t / 1e9:.0f} GB/s")
+            if gpu:
+                print("  " + roofline.format_roofline(cfg, gpu, b, c, t, kv_bytes_per_elem=kv_elem).replace("\n", "\n  "))
+            results.append(dict(kind="decode", batch=b, context=c, seconds_per_token=t))
+    if args.json:
+        meta = dict(preset=args.preset, dtype=cfg.dtype, jax=jax.__version__, device=jax.devices()[0].device_kind)
+        with open(args.json, "w") as f:
+            json.dump(dict(meta, results=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
