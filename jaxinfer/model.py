@@ -164,14 +164,13 @@ def mlp(layer: Layer, x: jax.Array) -> jax.Array:
     return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, layer.w_down)
 
 
-def attention_block(layer, cfg, x, positions, k_pages, v_pages, page_table, kv_lengths, backend):
+def attention_block(layer, cfg, x, positions, inv_freq, k_pages, v_pages, page_table, kv_lengths, backend):
     """x [B, T, D] -> ([B, T, D], k_pages, v_pages): project, rotate, write the cache, attend, project out."""
     q = jnp.einsum("BTD,DNH->BTNH", x, layer.wq)
     k = jnp.einsum("BTD,DKH->BTKH", x, layer.wk)
     v = jnp.einsum("BTD,DKH->BTKH", x, layer.wv)
     if cfg.qkv_bias:
         q, k, v = q + layer.bq, k + layer.bk, v + layer.bv
-    inv_freq = rope_inv_freq(cfg)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
     k_pages, v_pages = kv_cache.write(k_pages, v_pages, k, v, page_table, positions)
@@ -197,6 +196,7 @@ def forward_hidden(
     """-> (final-normed hidden states [B, T, D], cache with this chunk's K/V written)."""
     page_table = cache.page_table[seq_ids]  # [B, pages_per_seq]
     kv_lengths = jnp.maximum(cache.lengths[seq_ids], jnp.max(positions, axis=1) + 1)  # [B]
+    inv_freq = rope_inv_freq(cfg)  # [H // 2]
     with jax.named_scope("embed"):
         x = params.embed[tokens]  # [B, T, D]
     k_pages, v_pages = list(cache.k_pages), list(cache.v_pages)
@@ -205,7 +205,8 @@ def forward_hidden(
             with jax.named_scope("attention"):
                 h = rms_norm(x, layer.attn_norm, cfg.norm_eps)
                 h, k_pages[i], v_pages[i] = attention_block(
-                    layer, cfg, h, positions, k_pages[i], v_pages[i], page_table, kv_lengths, attention_backend
+                    layer, cfg, h, positions, inv_freq, k_pages[i], v_pages[i], page_table, kv_lengths,
+                    attention_backend,
                 )
                 x = x + h
             with jax.named_scope("mlp"):
