@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -32,8 +33,7 @@ def test_sharded_checkpoint_with_index_loads_the_same(hf_checkpoint, tmp_path):
 
 def test_bfloat16_safetensors_load(hf_checkpoint, tmp_path):
     path, hf = hf_checkpoint("qwen2")
-    hf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
-    hf.to(torch.float32)
+    copy.deepcopy(hf).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")  # the fixture's model stays float32
     model = jaxinfer.load_model(tmp_path / "bf16")
     assert model.cfg.dtype == "bfloat16" and model.params.embed.dtype == jaxinfer.model.jnp.bfloat16
 
