@@ -2,7 +2,7 @@
 
 from jaxinfer.api import Model, load_model, random_model
 from jaxinfer.config import ModelConfig, RopeScaling
-from jaxinfer.generate import GenerationOutput, generate, score
+from jaxinfer.generate import GenerationOutput, StreamChunk, generate, generate_stream, score
 from jaxinfer.page_allocator import PageAllocator, PagePoolExhausted
 from jaxinfer.sampling import SamplingParams
 
@@ -14,7 +14,9 @@ __all__ = [
     "PagePoolExhausted",
     "RopeScaling",
     "SamplingParams",
+    "StreamChunk",
     "generate",
+    "generate_stream",
     "load_model",
     "random_model",
     "score",

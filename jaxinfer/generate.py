@@ -7,8 +7,7 @@ requests compiles a handful of programs, not one per request.
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +55,18 @@ decode_step = jax.jit(_decode_step, static_argnames=_STATIC, donate_argnames=("c
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
+class RowSettings:
+    """Per-row constants of a decode: which cache sequence, how to sample, when to stop."""
+
+    seq_ids: jax.Array  # [B] int32: row b reads and writes cache sequence seq_ids[b]
+    sampling: sampling_lib.SamplingArrays  # [B] each
+    keys: jax.Array  # [B] per-row PRNG keys
+    stop_ids: jax.Array  # [B, S] int32, -1 padded
+    limits: jax.Array  # [B] int32 max new tokens; 0 for padding rows
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
 class DecodeState:
     step: jax.Array  # [] int32: tokens emitted so far by the longest-running row
     last: jax.Array  # [B] int32: each row's newest token
@@ -67,14 +78,15 @@ class DecodeState:
     cache: kv_cache.KVCache
 
 
-def _emit(state: DecodeState, logits, params_arrays, keys, stop_ids, limits) -> DecodeState:
+def _emit(state: DecodeState, logits, rows: RowSettings) -> DecodeState:
     """Sample one token per row from logits [B, V] and append it where the row is still running."""
     B = logits.shape[0]
-    tok = sampling_lib.sample(logits, params_arrays, sampling_lib.step_keys(keys, state.step), state.seen)  # [B]
+    keys = sampling_lib.step_keys(rows.keys, state.step)
+    tok = sampling_lib.sample(logits, rows.sampling, keys, state.seen)  # [B]
     active = ~state.done
     tok = jnp.where(active, tok, 0)
     num_tokens = state.num_tokens + active
-    stopped = state.stopped | (active & jnp.any(tok[:, None] == stop_ids, axis=1))
+    stopped = state.stopped | (active & jnp.any(tok[:, None] == rows.stop_ids, axis=1))
     return dataclasses.replace(
         state,
         step=state.step + 1,
@@ -82,27 +94,13 @@ def _emit(state: DecodeState, logits, params_arrays, keys, stop_ids, limits) -> 
         tokens=state.tokens.at[:, state.step].set(tok),
         num_tokens=num_tokens,
         stopped=stopped,
-        done=state.done | stopped | (num_tokens >= limits),
+        done=state.done | stopped | (num_tokens >= rows.limits),
         seen=state.seen.at[jnp.arange(B), tok].max(active),
     )
 
 
-def _generate_loop(
-    params,
-    cfg: ModelConfig,
-    first_logits,  # [B, V] float32 from prefill
-    cache,
-    seq_ids,  # [B] int32
-    sampling_arrays: sampling_lib.SamplingArrays,
-    keys,  # [B] per-row PRNG keys
-    stop_ids,  # [B, S] int32, -1 padded
-    limits,  # [B] int32 max new tokens per row; 0 for padding rows
-    seen,  # [B, V] bool
-    *,
-    max_new_tokens: int,  # M, static: the output buffer's width
-    attention_backend=None,
-):
-    """Sample, then decode until every row has hit a stop token or its limit: one while_loop, one program."""
+def _start_decode(first_logits, cache, rows: RowSettings, seen, *, max_new_tokens: int) -> DecodeState:
+    """The first token, sampled from prefill's logits [B, V]; M = max_new_tokens is the output buffer's width."""
     B = first_logits.shape[0]
     state = DecodeState(
         step=jnp.zeros((), jnp.int32),
@@ -110,27 +108,39 @@ def _generate_loop(
         tokens=jnp.zeros((B, max_new_tokens), jnp.int32),
         num_tokens=jnp.zeros((B,), jnp.int32),
         stopped=jnp.zeros((B,), bool),
-        done=limits <= 0,
+        done=rows.limits <= 0,
         seen=seen,
         cache=cache,
     )
-    emit = functools.partial(_emit, params_arrays=sampling_arrays, keys=keys, stop_ids=stop_ids, limits=limits)
-    state = emit(state, first_logits)
+    return _emit(state, first_logits, rows)
+
+
+def _continue_decode(params, cfg, state: DecodeState, rows: RowSettings, until, attention_backend=None):
+    """Decode until step `until` (may be traced) or until every row is done: one while_loop."""
+    max_steps = jnp.minimum(until, state.tokens.shape[1])
 
     def cond(state):
-        return (state.step < max_new_tokens) & ~jnp.all(state.done)
+        return (state.step < max_steps) & ~jnp.all(state.done)
 
     def body(state):
-        logits, cache = _decode_step(params, cfg, state.last, state.cache, seq_ids, ~state.done, attention_backend)
-        return emit(dataclasses.replace(state, cache=cache), logits)
+        logits, cache = _decode_step(params, cfg, state.last, state.cache, rows.seq_ids, ~state.done, attention_backend)
+        return _emit(dataclasses.replace(state, cache=cache), logits, rows)
 
-    state = jax.lax.while_loop(cond, body, state)
-    return state.tokens, state.num_tokens, state.stopped, state.cache
+    return jax.lax.while_loop(cond, body, state)
+
+
+def _generate_loop(params, cfg, first_logits, cache, rows, seen, *, max_new_tokens: int, attention_backend=None):
+    """Sample, then decode until every row has hit a stop token or its limit: the whole loop in one program."""
+    state = _start_decode(first_logits, cache, rows, seen, max_new_tokens=max_new_tokens)
+    return _continue_decode(params, cfg, state, rows, max_new_tokens, attention_backend)
 
 
 generate_loop = jax.jit(
     _generate_loop, static_argnames=("cfg", "max_new_tokens", "attention_backend"), donate_argnames=("cache",)
 )
+# Streaming runs the same loop in chunks: start once, then continue to step 8, 16, ... with one compiled program.
+start_decode = jax.jit(_start_decode, static_argnames=("max_new_tokens",), donate_argnames=("cache",))
+continue_decode = jax.jit(_continue_decode, static_argnames=_STATIC, donate_argnames=("state",))
 
 
 def _score(params, cfg, tokens, positions, cache, seq_ids, attention_backend=None):
@@ -210,18 +220,19 @@ def allocate_cache(cfg, token_budgets: list[int], batch: int, seq_capacity: int,
     return dataclasses.replace(cache, page_table=jnp.asarray(allocator.page_table(batch)))
 
 
-def generate(
-    model_,
-    prompts,
-    max_new_tokens: int = 32,
-    sampling: sampling_lib.SamplingParams | Sequence[sampling_lib.SamplingParams] | None = None,
-    seed: int = 0,
-    *,
-    page_size: int = DEFAULT_PAGE_SIZE,
-    num_pages: int | None = None,
-    attention_backend: str | None = None,
-) -> list[GenerationOutput]:
-    """Generate for a ragged batch of prompts; row i samples with keys derived from (seed, i)."""
+@dataclasses.dataclass
+class _PrefilledBatch:
+    """A validated, prefilled batch: everything the decode loop needs."""
+
+    num_prompts: int
+    first_logits: jax.Array  # [B, V] float32
+    cache: kv_cache.KVCache
+    rows: RowSettings
+    seen: np.ndarray  # [B, V] bool
+    max_new_tokens: int  # M: the bucketed output width
+
+
+def _prefill_batch(model_, prompts, max_new_tokens, sampling, seed, page_size, num_pages, attention_backend):
     if not (isinstance(max_new_tokens, (int, np.integer)) and max_new_tokens >= 1):
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
     token_lists = _check_prompts(prompts, model_, max_new_tokens)
@@ -246,27 +257,87 @@ def generate(
     seen = np.zeros((B, cfg.vocab_size), bool)
     for i, ids in enumerate(token_lists):
         seen[i, ids] = True
-    out, num_out, stopped, _ = generate_loop(
-        model_.params,
-        cfg,
-        logits,
-        cache,
-        seq_ids,
-        sampling_lib.SamplingArrays.from_params(params_list, B),
-        sampling_lib.row_keys(seed, B),
-        stop_ids,
-        limits,
-        seen,
-        max_new_tokens=M,
-        attention_backend=attention_backend,
+    rows = RowSettings(
+        seq_ids=seq_ids,
+        sampling=sampling_lib.SamplingArrays.from_params(params_list, B),
+        keys=sampling_lib.row_keys(seed, B),
+        stop_ids=jnp.asarray(stop_ids),
+        limits=jnp.asarray(limits),
     )
-    out, num_out, stopped = np.asarray(out), np.asarray(num_out), np.asarray(stopped)
+    return _PrefilledBatch(n, logits, cache, rows, seen, M)
+
+
+def _finish_reason(stopped: bool) -> str:
+    return "stop" if stopped else "length"
+
+
+def generate(
+    model_,
+    prompts,
+    max_new_tokens: int = 32,
+    sampling: sampling_lib.SamplingParams | Sequence[sampling_lib.SamplingParams] | None = None,
+    seed: int = 0,
+    *,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    num_pages: int | None = None,
+    attention_backend: str | None = None,
+) -> list[GenerationOutput]:
+    """Generate for a ragged batch of prompts; row i samples with keys derived from (seed, i)."""
+    batch = _prefill_batch(model_, prompts, max_new_tokens, sampling, seed, page_size, num_pages, attention_backend)
+    state = generate_loop(
+        model_.params, model_.cfg, batch.first_logits, batch.cache, batch.rows, batch.seen,
+        max_new_tokens=batch.max_new_tokens, attention_backend=attention_backend,
+    )
+    out, num_out, stopped = np.asarray(state.tokens), np.asarray(state.num_tokens), np.asarray(state.stopped)
     results = []
-    for i in range(n):
+    for i in range(batch.num_prompts):
         ids = out[i, : num_out[i]].tolist()
         text = model_.tokenizer.decode(ids) if model_.tokenizer is not None else None
-        results.append(GenerationOutput(ids, text, "stop" if stopped[i] else "length"))
+        results.append(GenerationOutput(ids, text, _finish_reason(stopped[i])))
     return results
+
+
+@dataclasses.dataclass
+class StreamChunk:
+    new_tokens: list[list[int]]  # per prompt: the tokens produced since the previous chunk
+    finish_reasons: list[str | None]  # per prompt: "stop" | "length" once finished, else None
+
+
+def generate_stream(
+    model_,
+    prompts,
+    max_new_tokens: int = 32,
+    sampling: sampling_lib.SamplingParams | Sequence[sampling_lib.SamplingParams] | None = None,
+    seed: int = 0,
+    *,
+    chunk_tokens: int = 8,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    num_pages: int | None = None,
+    attention_backend: str | None = None,
+) -> Iterator[StreamChunk]:
+    """Like generate, but yields tokens as they come: the same loop run in compiled chunks of chunk_tokens steps.
+
+    The tokens are identical to generate's. Validation and prefill happen on the first next().
+    """
+    if not (isinstance(chunk_tokens, int) and chunk_tokens >= 1):
+        raise ValueError(f"chunk_tokens={chunk_tokens!r} must be an int >= 1")
+    batch = _prefill_batch(model_, prompts, max_new_tokens, sampling, seed, page_size, num_pages, attention_backend)
+    state = start_decode(batch.first_logits, batch.cache, batch.rows, batch.seen, max_new_tokens=batch.max_new_tokens)
+    emitted = np.zeros((batch.num_prompts,), np.int64)
+    while True:
+        num_out = np.asarray(state.num_tokens)[: batch.num_prompts]
+        done = np.asarray(state.done)[: batch.num_prompts]
+        stopped = np.asarray(state.stopped)[: batch.num_prompts]
+        out = np.asarray(state.tokens)
+        yield StreamChunk(
+            [out[i, emitted[i] : num_out[i]].tolist() for i in range(batch.num_prompts)],
+            [_finish_reason(stopped[i]) if done[i] else None for i in range(batch.num_prompts)],
+        )
+        if done.all():
+            return
+        emitted = num_out
+        until = np.int32(int(np.asarray(state.step)) + chunk_tokens)
+        state = continue_decode(model_.params, model_.cfg, state, batch.rows, until, attention_backend)
 
 
 def score(model_, token_ids, *, page_size: int = DEFAULT_PAGE_SIZE, attention_backend: str | None = None):

@@ -21,7 +21,7 @@ import numpy as np
 
 import jaxinfer
 from jaxinfer import roofline
-from jaxinfer.generate import allocate_cache, generate_loop, prefill
+from jaxinfer.generate import RowSettings, allocate_cache, generate_loop, prefill
 from jaxinfer.sampling import SamplingArrays, SamplingParams, row_keys
 
 
@@ -57,22 +57,23 @@ def bench_decode(model, batch: int, context: int, steps: int, page_size: int, wa
     cfg = model.cfg
     cache = allocate_cache(cfg, [context + steps] * batch, batch, context + steps, page_size, None)
     cache = dataclasses.replace(cache, lengths=jnp.full((batch,), context, jnp.int32))
-    args = dict(
+    rows = RowSettings(
         seq_ids=jnp.arange(batch, dtype=jnp.int32),
-        sampling_arrays=SamplingArrays.from_params([SamplingParams(temperature=0.0)] * batch, batch),
+        sampling=SamplingArrays.from_params([SamplingParams(temperature=0.0)] * batch, batch),
         keys=row_keys(0, batch),
         stop_ids=jnp.full((batch, 1), -1, jnp.int32),  # never stop early: every run decodes `steps` tokens
         limits=jnp.full((batch,), steps, jnp.int32),
-        seen=jnp.zeros((batch, cfg.vocab_size), bool),
     )
+    seen = jnp.zeros((batch, cfg.vocab_size), bool)
     first_logits = jnp.zeros((batch, cfg.vocab_size), jnp.float32)
     state = {"cache": cache}
 
     def run():
         # Each run rewrites the same `steps` positions: lengths go back to `context` first.
         c = dataclasses.replace(state["cache"], lengths=jnp.full((batch,), context, jnp.int32))
-        tokens, _, _, state["cache"] = generate_loop(model.params, cfg, first_logits, c, max_new_tokens=steps, **args)
-        return tokens
+        out = generate_loop(model.params, cfg, first_logits, c, rows, seen, max_new_tokens=steps)
+        state["cache"] = out.cache
+        return out.tokens
 
     return median_seconds(run, warmup, iters) / steps
 

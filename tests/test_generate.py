@@ -148,3 +148,31 @@ def test_real_size_configs_trace_without_memory():
             lambda p, c: _prefill(p, cfg, jax.numpy.zeros((2, 16), "int32"), jax.numpy.zeros((2, 16), "int32"),
                                       c, jax.numpy.arange(2)), params, cache)
         assert logits.shape == (2, cfg.vocab_size)
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 5, 64])
+def test_stream_yields_exactly_the_generate_tokens(tiny, chunk_tokens):
+    prompts = random_prompts(tiny.cfg.vocab_size, [4, 11, 7], seed=8)
+    (probe,) = jaxinfer.generate(tiny, prompts[1:2], max_new_tokens=20, sampling=GREEDY)
+    sampling = [GREEDY, jaxinfer.SamplingParams(temperature=0.0, stop_token_ids=[probe.tokens[6]]),
+                jaxinfer.SamplingParams(temperature=0.9, top_k=20)]
+    expected = jaxinfer.generate(tiny, prompts, max_new_tokens=20, sampling=sampling, seed=4)
+    streamed = [[] for _ in prompts]
+    finish = [None] * len(prompts)
+    chunks = list(jaxinfer.generate_stream(tiny, prompts, max_new_tokens=20, sampling=sampling, seed=4,
+                                           chunk_tokens=chunk_tokens))
+    for chunk in chunks:
+        for i, new in enumerate(chunk.new_tokens):
+            assert finish[i] is None or not new, "tokens after a row finished"
+            streamed[i] += new
+        finish = [f or r for f, r in zip(finish, chunk.finish_reasons)]
+    assert streamed == [o.tokens for o in expected]
+    assert finish == [o.finish_reason for o in expected] and finish[1] == "stop"
+    assert len(chunks) >= 20 // chunk_tokens
+
+
+def test_stream_validates_before_any_work(tiny):
+    with pytest.raises(ValueError, match="chunk_tokens=0"):
+        next(jaxinfer.generate_stream(tiny, [[1, 2]], chunk_tokens=0))
+    with pytest.raises(ValueError, match="token id 300"):
+        next(jaxinfer.generate_stream(tiny, [[1, 300]]))
