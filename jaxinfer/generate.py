@@ -7,6 +7,7 @@ requests compiles a handful of programs, not one per request.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -138,9 +139,27 @@ def _generate_loop(params, cfg, first_logits, cache, rows, seen, *, max_new_toke
 generate_loop = jax.jit(
     _generate_loop, static_argnames=("cfg", "max_new_tokens", "attention_backend"), donate_argnames=("cache",)
 )
-# Streaming runs the same loop in chunks: start once, then continue to step 8, 16, ... with one compiled program.
-start_decode = jax.jit(_start_decode, static_argnames=("max_new_tokens",), donate_argnames=("cache",))
-continue_decode = jax.jit(_continue_decode, static_argnames=_STATIC, donate_argnames=("state",))
+
+
+def _progress(state: DecodeState) -> tuple[jax.Array, ...]:
+    """Copies of what a streaming host reads (tokens [B, M], num_tokens, done, stopped): buffers of their own,
+    so the host can read them while the next chunk, which consumes (donates) the state, already runs."""
+    return tuple(jnp.copy(x) for x in (state.tokens, state.num_tokens, state.done, state.stopped))
+
+
+def _start_decode_streaming(first_logits, cache, rows, seen, *, max_new_tokens):
+    state = _start_decode(first_logits, cache, rows, seen, max_new_tokens=max_new_tokens)
+    return state, _progress(state)
+
+
+def _continue_decode_streaming(params, cfg, state, rows, until, attention_backend=None):
+    state = _continue_decode(params, cfg, state, rows, until, attention_backend)
+    return state, _progress(state)
+
+
+# Streaming runs the same loop in chunks: start once, then continue to step 9, 17, ... with one compiled program.
+start_decode = jax.jit(_start_decode_streaming, static_argnames=("max_new_tokens",), donate_argnames=("cache",))
+continue_decode = jax.jit(_continue_decode_streaming, static_argnames=_STATIC, donate_argnames=("state",))
 
 
 def _score(params, cfg, tokens, positions, cache, seq_ids, attention_backend=None):
@@ -322,22 +341,23 @@ def generate_stream(
     if not (isinstance(chunk_tokens, int) and chunk_tokens >= 1):
         raise ValueError(f"chunk_tokens={chunk_tokens!r} must be an int >= 1")
     batch = _prefill_batch(model_, prompts, max_new_tokens, sampling, seed, page_size, num_pages, attention_backend)
-    state = start_decode(batch.first_logits, batch.cache, batch.rows, batch.seen, max_new_tokens=batch.max_new_tokens)
-    emitted = np.zeros((batch.num_prompts,), np.int64)
-    while True:
-        num_out = np.asarray(state.num_tokens)[: batch.num_prompts]
-        done = np.asarray(state.done)[: batch.num_prompts]
-        stopped = np.asarray(state.stopped)[: batch.num_prompts]
-        out = np.asarray(state.tokens)
+    n = batch.num_prompts
+    state, progress = start_decode(
+        batch.first_logits, batch.cache, batch.rows, batch.seen, max_new_tokens=batch.max_new_tokens
+    )
+    emitted = np.zeros((n,), np.int64)
+    for until in itertools.count(1 + chunk_tokens, chunk_tokens):
+        # Dispatch the next chunk before reading this one, so the device never waits for the host. Every active
+        # row emits one token per step, so the step count (and `until`) is known without reading the device.
+        state, next_progress = continue_decode(model_.params, model_.cfg, state, batch.rows, until, attention_backend)
+        out, num_out, done, stopped = (np.asarray(x) for x in progress)
         yield StreamChunk(
-            [out[i, emitted[i] : num_out[i]].tolist() for i in range(batch.num_prompts)],
-            [_finish_reason(stopped[i]) if done[i] else None for i in range(batch.num_prompts)],
+            [out[i, emitted[i] : num_out[i]].tolist() for i in range(n)],
+            [_finish_reason(stopped[i]) if done[i] else None for i in range(n)],
         )
-        if done.all():
+        if done[:n].all():
             return
-        emitted = num_out
-        until = np.int32(int(np.asarray(state.step)) + chunk_tokens)
-        state = continue_decode(model_.params, model_.cfg, state, batch.rows, until, attention_backend)
+        emitted, progress = num_out[:n], next_progress
 
 
 def score(model_, token_ids, *, page_size: int = DEFAULT_PAGE_SIZE, attention_backend: str | None = None):
