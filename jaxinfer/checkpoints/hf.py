@@ -97,7 +97,8 @@ def _safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def load_hf(path: str | Path, dtype: str | None = None) -> tuple[ModelConfig, model.Params]:
+def load_hf(path: str | Path, dtype: str | None = None, progress=None) -> tuple[ModelConfig, model.Params]:
+    """progress(done, total) is called after each tensor is converted, if given."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -122,7 +123,10 @@ def load_hf(path: str | Path, dtype: str | None = None) -> tuple[ModelConfig, mo
     if problems:
         raise ValueError(f"checkpoint {path} does not match its config.json:\n  " + "\n  ".join(problems))
 
-    def load(entry: HFTensor) -> jax.Array:
-        return jnp.asarray(entry.to_ours(np.asarray(where[entry.name].read(entry.name))), dtype=cfg.jnp_dtype)
-
-    return cfg, jax.tree.map(load, tensor_map, is_leaf=_is_entry)
+    treedef = jax.tree.structure(tensor_map, is_leaf=_is_entry)
+    arrays = []
+    for entry in entries:
+        arrays.append(jnp.asarray(entry.to_ours(np.asarray(where[entry.name].read(entry.name))), dtype=cfg.jnp_dtype))
+        if progress:
+            progress(len(arrays), len(entries))
+    return cfg, jax.tree.unflatten(treedef, arrays)
