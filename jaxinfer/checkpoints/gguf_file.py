@@ -119,17 +119,20 @@ def default_gguf_path() -> Path:
     )
 
 
-def load_gguf(path: str | Path, dtype: str | None = None, progress=None) -> tuple[ModelConfig, model.Params]:
+def load_gguf(
+    path: str | Path, dtype: str | None = None, progress=None, *, reader=None
+) -> tuple[ModelConfig, model.Params]:
     """A GGUF file -> (ModelConfig, Params), weights dequantized to `dtype` (default float32).
 
     Architectures: 'llama' (Llama, Mistral, SmolLM2 GGUFs) and 'qwen2'.
     progress(done, total) is called as tensors are converted, if given.
+    reader: the file's gguf.GGUFReader when the caller already has one open (parsing it takes seconds).
     """
     gguf = _import_gguf()
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"GGUF file {str(path)!r} does not exist")
-    reader = _read(gguf, path)
+    reader = reader or _read(gguf, path)
     tensors = {t.name: t for t in reader.tensors}
     try:
         cfg = _config(gguf, reader, tensors, dtype or "float32")
@@ -181,6 +184,14 @@ def _import_gguf():
     except ImportError as e:
         raise ImportError("reading GGUF files needs the `gguf` package: pip install gguf") from e
     return gguf
+
+
+def read_gguf(path: str | Path):
+    """An open gguf.GGUFReader for path, to share between load_gguf and Tokenizer.from_gguf."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"GGUF file {str(path)!r} does not exist")
+    return _read(_import_gguf(), path)
 
 
 def _read(gguf, path: Path):
