@@ -177,7 +177,10 @@ def attention_block(layer, cfg, x, positions, inv_freq, k_pages, v_pages, page_t
     o = attn.attention(
         q, k_pages, v_pages, page_table, positions, kv_lengths, sliding_window=cfg.sliding_window, backend=backend
     )  # [B, T, N, H]
-    return jnp.einsum("BTNH,NHD->BTD", o, layer.wo), k_pages, v_pages
+    B, T, N, H = o.shape
+    # One [B, T, N*H] x [N*H, D] matmul: contracting (N, H) as two dims made XLA:CPU transpose-copy wo every step.
+    out = jnp.einsum("BTE,ED->BTD", o.reshape(B, T, N * H), layer.wo.reshape(N * H, -1))
+    return out, k_pages, v_pages
 
 
 # ---------------------------------------------------------------------------------------------

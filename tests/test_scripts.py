@@ -37,6 +37,6 @@ def test_benchmark_rejects_unknown_gpu():
 
 
 def test_profile_writes_a_trace(tmp_path):
-    load_script("profile").main(["--preset", "tiny", "--prompt-len", "16", "--decode-steps", "2", "--out",
+    load_script("profile_trace").main(["--preset", "tiny", "--prompt-len", "16", "--decode-steps", "2", "--out",
                                  str(tmp_path / "trace")])
     assert list((tmp_path / "trace").rglob("*.xplane.pb"))

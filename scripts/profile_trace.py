@@ -1,6 +1,6 @@
 """Capture a jax.profiler trace of one prefill and a few decode steps of a random-weight preset.
 
-    python scripts/profile.py --preset llama-2-7b --batch 8 --prompt-len 512 --decode-steps 8
+    python scripts/profile_trace.py --preset llama-2-7b --batch 8 --prompt-len 512 --decode-steps 8
 
 The trace lands in profiles/traces/<preset>-<timestamp>/ (git-ignored); profiles/README.md says how to read it.
 Compilation happens before the trace starts, so the trace holds only the steady-state programs.
