@@ -20,11 +20,11 @@ from jaxinfer.checkpoints.gguf_file import default_gguf_path
 
 
 def time_jaxinfer(model, ids, n):
-    """-> (TTFT seconds, total seconds) for n greedy tokens through the streaming path (first chunk = 1 token)."""
+    """-> (TTFT seconds, total seconds) for n greedy tokens through the streaming path the CLI uses."""
     t0 = time.perf_counter()
     first = None
-    for chunk in jaxinfer.generate_stream(model, [ids], max_new_tokens=n, sampling=jaxinfer.SamplingParams(temperature=0.0),
-                                          chunk_tokens=n):
+    greedy = jaxinfer.SamplingParams(temperature=0.0)
+    for chunk in jaxinfer.generate_stream(model, [ids], max_new_tokens=n, sampling=greedy):
         if first is None:
             first = time.perf_counter() - t0
     return first, time.perf_counter() - t0
