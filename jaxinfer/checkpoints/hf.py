@@ -6,9 +6,7 @@ bad checkpoint raises one error naming the file and every offending tensor and n
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -16,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import model
+from jaxinfer.checkpoints import layout
 from jaxinfer.checkpoints.safetensors_file import SafetensorsFile
 from jaxinfer.config import ModelConfig
 
@@ -23,57 +22,23 @@ _PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".pkl", ".ckpt")
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-@dataclasses.dataclass(frozen=True)
-class HFTensor:
-    name: str
-    shape: tuple[int, ...]  # as HF stores it: [out, in] for projections
-    to_ours: Callable[[np.ndarray], np.ndarray]
-
-
-def hf_tensor_map(cfg: ModelConfig) -> model.Params:
-    """The Params pytree with (HF name, HF shape, HF -> our layout) at every leaf."""
-    D, F, N, K, H, V = cfg.d_model, cfg.ffn_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
-
-    def heads(n):  # HF [n * H, D] (out, in) -> ours [D, n, H]
-        return lambda w: w.T.reshape(D, n, H)
-
-    def bias(n):  # [n * H] -> [n, H]
-        return lambda b: b.reshape(n, H)
-
-    def same(w):
-        return w
-
-    def transposed(w):
-        return w.T
-
-    def layer(i: int) -> model.Layer:
-        p = f"model.layers.{i}."
-        attn_bias = cfg.qkv_bias
-        return model.Layer(
-            attn_norm=HFTensor(p + "input_layernorm.weight", (D,), same),
-            wq=HFTensor(p + "self_attn.q_proj.weight", (N * H, D), heads(N)),
-            wk=HFTensor(p + "self_attn.k_proj.weight", (K * H, D), heads(K)),
-            wv=HFTensor(p + "self_attn.v_proj.weight", (K * H, D), heads(K)),
-            bq=HFTensor(p + "self_attn.q_proj.bias", (N * H,), bias(N)) if attn_bias else None,
-            bk=HFTensor(p + "self_attn.k_proj.bias", (K * H,), bias(K)) if attn_bias else None,
-            bv=HFTensor(p + "self_attn.v_proj.bias", (K * H,), bias(K)) if attn_bias else None,
-            wo=HFTensor(p + "self_attn.o_proj.weight", (D, N * H), lambda w: w.T.reshape(N, H, D)),
-            mlp_norm=HFTensor(p + "post_attention_layernorm.weight", (D,), same),
-            w_gate=HFTensor(p + "mlp.gate_proj.weight", (F, D), transposed),
-            w_up=HFTensor(p + "mlp.up_proj.weight", (F, D), transposed),
-            w_down=HFTensor(p + "mlp.down_proj.weight", (D, F), transposed),
-        )
-
-    return model.Params(
-        embed=HFTensor("model.embed_tokens.weight", (V, D), same),
-        layers=tuple(layer(i) for i in range(cfg.num_layers)),
-        final_norm=HFTensor("model.norm.weight", (D,), same),
-        lm_head=None if cfg.tie_embeddings else HFTensor("lm_head.weight", (V, D), transposed),
-    )
-
-
-def _is_entry(x) -> bool:
-    return isinstance(x, HFTensor)
+HF_NAMES = {
+    "embed": "model.embed_tokens.weight",
+    "attn_norm": "model.layers.{i}.input_layernorm.weight",
+    "wq": "model.layers.{i}.self_attn.q_proj.weight",
+    "wk": "model.layers.{i}.self_attn.k_proj.weight",
+    "wv": "model.layers.{i}.self_attn.v_proj.weight",
+    "bq": "model.layers.{i}.self_attn.q_proj.bias",
+    "bk": "model.layers.{i}.self_attn.k_proj.bias",
+    "bv": "model.layers.{i}.self_attn.v_proj.bias",
+    "wo": "model.layers.{i}.self_attn.o_proj.weight",
+    "mlp_norm": "model.layers.{i}.post_attention_layernorm.weight",
+    "w_gate": "model.layers.{i}.mlp.gate_proj.weight",
+    "w_up": "model.layers.{i}.mlp.up_proj.weight",
+    "w_down": "model.layers.{i}.mlp.down_proj.weight",
+    "final_norm": "model.norm.weight",
+    "lm_head": "lm_head.weight",
+}
 
 
 def _safetensors_files(path: Path) -> list[Path]:
@@ -107,8 +72,7 @@ def load_hf(path: str | Path, dtype: str | None = None, progress=None) -> tuple[
 
     files = [SafetensorsFile(f) for f in _safetensors_files(path)]
     where = {name: f for f in files for name in f.tensors}
-    tensor_map = hf_tensor_map(cfg)
-    entries = jax.tree.leaves(tensor_map, is_leaf=_is_entry)
+    entries, treedef = layout.source_leaves(layout.tensor_map(cfg, HF_NAMES))
     expected = {e.name for e in entries}
     problems = []
     for name, shape in ((e.name, e.shape) for e in entries):
@@ -123,7 +87,6 @@ def load_hf(path: str | Path, dtype: str | None = None, progress=None) -> tuple[
     if problems:
         raise ValueError(f"checkpoint {path} does not match its config.json:\n  " + "\n  ".join(problems))
 
-    treedef = jax.tree.structure(tensor_map, is_leaf=_is_entry)
     arrays = []
     for entry in entries:
         arrays.append(jnp.asarray(entry.to_ours(np.asarray(where[entry.name].read(entry.name))), dtype=cfg.jnp_dtype))
