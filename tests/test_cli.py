@@ -84,3 +84,16 @@ def test_convert_then_generate_from_orbax(tmp_path):
     assert model.tokenizer.encode("Hello world") == jaxinfer.load_model("default").tokenizer.encode("Hello world")
     again = run_cli("convert", "default", str(dst))
     assert again.returncode == 2 and str(dst) in again.stderr
+
+
+def test_ctrl_c_stops_the_reply_not_the_chat(monkeypatch, capsys):
+    def interrupted_stream(*args, **kwargs):
+        yield jaxinfer.StreamChunk([[5, 6]], [None])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jaxinfer, "generate_stream", interrupted_stream)
+    model = jaxinfer.random_model("tiny")
+    args = cli._parser().parse_args(["generate", "--model", "preset:tiny", "--prompt-ids", "1"])
+    tokens, finish = cli._stream(model, [1], args)
+    assert (tokens, finish) == ([5, 6], "interrupted")
+    assert "stop reason: interrupted" in capsys.readouterr().err
