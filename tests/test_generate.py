@@ -176,3 +176,22 @@ def test_stream_validates_before_any_work(tiny):
         next(jaxinfer.generate_stream(tiny, [[1, 2]], chunk_tokens=0))
     with pytest.raises(ValueError, match="token id 300"):
         next(jaxinfer.generate_stream(tiny, [[1, 300]]))
+
+
+@pytest.mark.parametrize("sliding_window", [None, 6])
+def test_pallas_kernels_in_interpret_mode_give_the_reference_tokens(sliding_window):
+    # The kernels take head_dim 64 or 128.
+    cfg = jaxinfer.ModelConfig.preset("tiny").replace(head_dim=64, sliding_window=sliding_window)
+    model = jaxinfer.Model(cfg, model_lib.init_params(cfg, jax.random.key(1), scale=0.1))
+    prompts = random_prompts(cfg.vocab_size, [3, 20], seed=9)
+    ref = jaxinfer.generate(model, prompts, max_new_tokens=12, sampling=GREEDY, attention_backend="reference")
+    ker = jaxinfer.generate(model, prompts, max_new_tokens=12, sampling=GREEDY, attention_backend="pallas-interpret")
+    assert [o.tokens for o in ker] == [o.tokens for o in ref]
+    ids = prompts[1]
+    np.testing.assert_allclose(jaxinfer.score(model, ids, attention_backend="pallas-interpret"),
+                               jaxinfer.score(model, ids), atol=1e-5, rtol=0)
+
+
+def test_unknown_attention_backend_is_named(tiny):
+    with pytest.raises(ValueError, match="backend='cudnn'"):
+        jaxinfer.generate(tiny, [[1, 2]], max_new_tokens=2, attention_backend="cudnn")
