@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer import kv_cache, model
+from jaxinfer import kv_cache, sharding
 from jaxinfer import sampling as sampling_lib
 from jaxinfer.page_allocator import PageAllocator
 
@@ -30,25 +30,26 @@ def bucket(n: int, minimum: int = 1) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Compiled steps
+# Compiled steps. mesh: None runs unsharded; a jax.sharding.Mesh runs the model and sampling under shard_map
+# across its tp axis (jaxinfer.sharding), with the same results.
 
 
-def _prefill(params, cfg, tokens, positions, cache, seq_ids, attention_backend=None):
+def _prefill(params, cfg, tokens, positions, cache, seq_ids, attention_backend=None, mesh=None):
     """tokens [B, T] right-padded (positions -1) -> (logits of each row's last real token [B, V], cache)."""
-    hidden, cache = model.forward_hidden(params, cfg, tokens, positions, cache, seq_ids, attention_backend)
+    hidden, cache = sharding.forward_hidden(mesh, params, cfg, tokens, positions, cache, seq_ids, attention_backend)
     last = jnp.argmax(positions, axis=1)  # [B]: the highest position is the last real token
     h_last = hidden[jnp.arange(tokens.shape[0]), last]  # [B, D]
-    return model.logits(params, cfg, h_last), cache
+    return sharding.logits(mesh, params, cfg, h_last), cache
 
 
-def _decode_step(params, cfg, tokens, cache, seq_ids, active, attention_backend=None):
+def _decode_step(params, cfg, tokens, cache, seq_ids, active, attention_backend=None, mesh=None):
     """tokens [B] -> (logits [B, V], cache); inactive rows write nothing and keep their length."""
     positions = jnp.where(active, cache.lengths[seq_ids], -1)[:, None]  # [B, 1]
-    logits, cache = model.forward(params, cfg, tokens[:, None], positions, cache, seq_ids, attention_backend)
+    logits, cache = sharding.forward(mesh, params, cfg, tokens[:, None], positions, cache, seq_ids, attention_backend)
     return logits[:, 0], cache
 
 
-_STATIC = ("cfg", "attention_backend")
+_STATIC = ("cfg", "attention_backend", "mesh")
 prefill = jax.jit(_prefill, static_argnames=_STATIC, donate_argnames=("cache",))
 decode_step = jax.jit(_decode_step, static_argnames=_STATIC, donate_argnames=("cache",))
 
@@ -78,11 +79,11 @@ class DecodeState:
     cache: kv_cache.KVCache
 
 
-def _emit(state: DecodeState, logits, rows: RowSettings) -> DecodeState:
+def _emit(state: DecodeState, logits, rows: RowSettings, mesh=None) -> DecodeState:
     """Sample one token per row from logits [B, V] and append it where the row is still running."""
     B = logits.shape[0]
     keys = sampling_lib.step_keys(rows.keys, state.step)
-    tok = sampling_lib.sample(logits, rows.sampling, keys, state.seen)  # [B]
+    tok = sharding.sample(mesh, logits, rows.sampling, keys, state.seen)  # [B]
     active = ~state.done
     tok = jnp.where(active, tok, 0)
     num_tokens = state.num_tokens + active
@@ -99,7 +100,7 @@ def _emit(state: DecodeState, logits, rows: RowSettings) -> DecodeState:
     )
 
 
-def _start_decode(first_logits, cache, rows: RowSettings, seen, *, max_new_tokens: int) -> DecodeState:
+def _start_decode(first_logits, cache, rows: RowSettings, seen, *, max_new_tokens: int, mesh=None) -> DecodeState:
     """The first token, sampled from prefill's logits [B, V]; M = max_new_tokens is the output buffer's width."""
     B = first_logits.shape[0]
     state = DecodeState(
@@ -112,10 +113,10 @@ def _start_decode(first_logits, cache, rows: RowSettings, seen, *, max_new_token
         seen=seen,
         cache=cache,
     )
-    return _emit(state, first_logits, rows)
+    return _emit(state, first_logits, rows, mesh)
 
 
-def _continue_decode(params, cfg, state: DecodeState, rows: RowSettings, until, attention_backend=None):
+def _continue_decode(params, cfg, state: DecodeState, rows: RowSettings, until, attention_backend=None, mesh=None):
     """Decode until step `until` (may be traced) or until every row is done: one while_loop."""
     max_steps = jnp.minimum(until, state.tokens.shape[1])
 
@@ -123,21 +124,23 @@ def _continue_decode(params, cfg, state: DecodeState, rows: RowSettings, until, 
         return (state.step < max_steps) & ~jnp.all(state.done)
 
     def body(state):
-        logits, cache = _decode_step(params, cfg, state.last, state.cache, rows.seq_ids, ~state.done, attention_backend)
-        return _emit(dataclasses.replace(state, cache=cache), logits, rows)
+        logits, cache = _decode_step(
+            params, cfg, state.last, state.cache, rows.seq_ids, ~state.done, attention_backend, mesh
+        )
+        return _emit(dataclasses.replace(state, cache=cache), logits, rows, mesh)
 
     return jax.lax.while_loop(cond, body, state)
 
 
-def _generate_loop(params, cfg, first_logits, cache, rows, seen, *, max_new_tokens: int, attention_backend=None):
+def _generate_loop(
+    params, cfg, first_logits, cache, rows, seen, *, max_new_tokens: int, attention_backend=None, mesh=None
+):
     """Sample, then decode until every row has hit a stop token or its limit: the whole loop in one program."""
-    state = _start_decode(first_logits, cache, rows, seen, max_new_tokens=max_new_tokens)
-    return _continue_decode(params, cfg, state, rows, max_new_tokens, attention_backend)
+    state = _start_decode(first_logits, cache, rows, seen, max_new_tokens=max_new_tokens, mesh=mesh)
+    return _continue_decode(params, cfg, state, rows, max_new_tokens, attention_backend, mesh)
 
 
-generate_loop = jax.jit(
-    _generate_loop, static_argnames=("cfg", "max_new_tokens", "attention_backend"), donate_argnames=("cache",)
-)
+generate_loop = jax.jit(_generate_loop, static_argnames=(*_STATIC, "max_new_tokens"), donate_argnames=("cache",))
 
 
 def _progress(state: DecodeState) -> tuple[jax.Array, ...]:
@@ -146,23 +149,25 @@ def _progress(state: DecodeState) -> tuple[jax.Array, ...]:
     return tuple(jnp.copy(x) for x in (state.tokens, state.num_tokens, state.done, state.stopped))
 
 
-def _start_decode_streaming(first_logits, cache, rows, seen, *, max_new_tokens):
-    state = _start_decode(first_logits, cache, rows, seen, max_new_tokens=max_new_tokens)
+def _start_decode_streaming(first_logits, cache, rows, seen, *, max_new_tokens, mesh=None):
+    state = _start_decode(first_logits, cache, rows, seen, max_new_tokens=max_new_tokens, mesh=mesh)
     return state, _progress(state)
 
 
-def _continue_decode_streaming(params, cfg, state, rows, until, attention_backend=None):
-    state = _continue_decode(params, cfg, state, rows, until, attention_backend)
+def _continue_decode_streaming(params, cfg, state, rows, until, attention_backend=None, mesh=None):
+    state = _continue_decode(params, cfg, state, rows, until, attention_backend, mesh)
     return state, _progress(state)
 
 
 # Streaming runs the same loop in chunks: start once, then continue to step 9, 17, ... with one compiled program.
-start_decode = jax.jit(_start_decode_streaming, static_argnames=("max_new_tokens",), donate_argnames=("cache",))
+start_decode = jax.jit(
+    _start_decode_streaming, static_argnames=("max_new_tokens", "mesh"), donate_argnames=("cache",)
+)
 continue_decode = jax.jit(_continue_decode_streaming, static_argnames=_STATIC, donate_argnames=("state",))
 
 
-def _score(params, cfg, tokens, positions, cache, seq_ids, attention_backend=None):
-    return model.forward(params, cfg, tokens, positions, cache, seq_ids, attention_backend)
+def _score(params, cfg, tokens, positions, cache, seq_ids, attention_backend=None, mesh=None):
+    return sharding.forward(mesh, params, cfg, tokens, positions, cache, seq_ids, attention_backend)
 
 
 score_forward = jax.jit(_score, static_argnames=_STATIC, donate_argnames=("cache",))
@@ -226,15 +231,17 @@ def _padded_batch(token_lists: list[list[int]], batch: int, length: int) -> tupl
     return tokens, positions
 
 
-def allocate_cache(cfg, token_budgets: list[int], batch: int, seq_capacity: int, page_size: int, num_pages: int | None):
-    """Allocate pages for each sequence's token budget (all or nothing), then build the device cache."""
+def allocate_cache(
+    cfg, token_budgets: list[int], batch: int, seq_capacity: int, page_size: int, num_pages: int | None, mesh=None
+):
+    """Allocate pages for each sequence's token budget (all or nothing), then build the device cache
+    (on a mesh: created in place, split by kv head)."""
     pages_per_seq = -(-seq_capacity // page_size)
     num_pages = batch * pages_per_seq if num_pages is None else num_pages
     allocator = PageAllocator(num_pages, page_size, pages_per_seq)
     allocator.reserve(dict(enumerate(token_budgets)))  # raises PagePoolExhausted before any device work
-    cache = kv_cache.init_cache(
-        cfg, num_pages=num_pages, page_size=page_size, max_seqs=batch, pages_per_seq=pages_per_seq
-    )
+    sizes = dict(num_pages=num_pages, page_size=page_size, max_seqs=batch, pages_per_seq=pages_per_seq)
+    cache = kv_cache.init_cache(cfg, **sizes) if mesh is None else sharding.init_cache(cfg, mesh, **sizes)
     return dataclasses.replace(cache, page_table=jnp.asarray(allocator.page_table(batch)))
 
 
@@ -260,11 +267,12 @@ def _prefill_batch(model_, prompts, max_new_tokens, sampling, seed, page_size, n
     B = bucket(n)
     T = bucket(max(len(t) for t in token_lists), MIN_PROMPT_BUCKET)
     M = bucket(max_new_tokens, MIN_NEW_TOKENS_BUCKET)
-    cache = allocate_cache(cfg, [len(t) + max_new_tokens for t in token_lists], B, T + M, page_size, num_pages)
+    budgets = [len(t) + max_new_tokens for t in token_lists]
+    cache = allocate_cache(cfg, budgets, B, T + M, page_size, num_pages, model_.mesh)
 
     tokens, positions = _padded_batch(token_lists, B, T)
     seq_ids = jnp.arange(B, dtype=jnp.int32)
-    logits, cache = prefill(model_.params, cfg, tokens, positions, cache, seq_ids, attention_backend)
+    logits, cache = prefill(model_.params, cfg, tokens, positions, cache, seq_ids, attention_backend, model_.mesh)
 
     stops = [sorted(set(cfg.eos_token_ids) | set(p.stop_token_ids)) for p in params_list]
     stop_ids = np.full((B, bucket(max(map(len, stops), default=1), MIN_STOP_IDS_BUCKET)), -1, np.int32)
@@ -304,7 +312,7 @@ def generate(
     batch = _prefill_batch(model_, prompts, max_new_tokens, sampling, seed, page_size, num_pages, attention_backend)
     state = generate_loop(
         model_.params, model_.cfg, batch.first_logits, batch.cache, batch.rows, batch.seen,
-        max_new_tokens=batch.max_new_tokens, attention_backend=attention_backend,
+        max_new_tokens=batch.max_new_tokens, attention_backend=attention_backend, mesh=model_.mesh,
     )
     out, num_out, stopped = np.asarray(state.tokens), np.asarray(state.num_tokens), np.asarray(state.stopped)
     results = []
@@ -342,13 +350,15 @@ def generate_stream(
     batch = _prefill_batch(model_, prompts, max_new_tokens, sampling, seed, page_size, num_pages, attention_backend)
     n = batch.num_prompts
     state, progress = start_decode(
-        batch.first_logits, batch.cache, batch.rows, batch.seen, max_new_tokens=batch.max_new_tokens
+        batch.first_logits, batch.cache, batch.rows, batch.seen, max_new_tokens=batch.max_new_tokens, mesh=model_.mesh
     )
     emitted = np.zeros((n,), np.int64)
     for until in itertools.count(1 + chunk_tokens, chunk_tokens):
         # Dispatch the next chunk before reading this one, so the device never waits for the host. Every active
         # row emits one token per step, so the step count (and `until`) is known without reading the device.
-        state, next_progress = continue_decode(model_.params, model_.cfg, state, batch.rows, until, attention_backend)
+        state, next_progress = continue_decode(
+            model_.params, model_.cfg, state, batch.rows, until, attention_backend, model_.mesh
+        )
         out, num_out, done, stopped = (np.asarray(x) for x in progress)
         yield StreamChunk(
             [out[i, emitted[i] : num_out[i]].tolist() for i in range(n)],
@@ -363,9 +373,10 @@ def score(model_, token_ids, *, page_size: int = DEFAULT_PAGE_SIZE, attention_ba
     """Logits at every position of one sequence: np.ndarray [T, V] float32."""
     (ids,) = _check_prompts([token_ids], model_, 0)
     T = bucket(len(ids), MIN_PROMPT_BUCKET)
-    cache = allocate_cache(model_.cfg, [len(ids)], 1, T, page_size, None)
+    cache = allocate_cache(model_.cfg, [len(ids)], 1, T, page_size, None, model_.mesh)
     tokens, positions = _padded_batch([ids], 1, T)
     logits, _ = score_forward(
-        model_.params, model_.cfg, tokens, positions, cache, jnp.zeros((1,), jnp.int32), attention_backend
+        model_.params, model_.cfg, tokens, positions, cache, jnp.zeros((1,), jnp.int32), attention_backend,
+        model_.mesh,
     )
     return np.asarray(logits[0, : len(ids)])

@@ -164,6 +164,23 @@ def mlp(layer: Layer, x: jax.Array) -> jax.Array:
     return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, layer.w_down)
 
 
+def embed_lookup(embed: jax.Array, tokens: jax.Array, tp_axis: str | None = None) -> jax.Array:
+    """tokens [B, T] -> [B, T, D]. Under tensor parallelism embed is this device's rows of the vocabulary
+    [V / tp, D]: tokens it does not hold contribute zeros and one psum assembles the rows (vocab-parallel)."""
+    if tp_axis is None:
+        return embed[tokens]
+    rows = embed.shape[0]
+    local = tokens - jax.lax.axis_index(tp_axis) * rows  # [B, T]
+    held = (local >= 0) & (local < rows)
+    x = jnp.where(held[..., None], embed[jnp.clip(local, 0, rows - 1)], jnp.zeros((), embed.dtype))
+    return jax.lax.psum(x, tp_axis)
+
+
+def all_reduce(x: jax.Array, tp_axis: str | None) -> jax.Array:
+    """Sum a row-parallel matmul's partial results over the tensor-parallel devices; unsharded: x itself."""
+    return x if tp_axis is None else jax.lax.psum(x, tp_axis)
+
+
 def attention_block(layer, cfg, x, positions, inv_freq, k_pages, v_pages, page_table, kv_lengths, backend):
     """x [B, T, D] -> ([B, T, D], k_pages, v_pages): project, rotate, write the cache, attend, project out."""
     q = jnp.einsum("BTD,DNH->BTNH", x, layer.wq)
@@ -195,13 +212,18 @@ def forward_hidden(
     cache: kv_cache.KVCache,
     seq_ids: jax.Array,  # [B] int32: row b reads and writes cache sequence seq_ids[b]
     attention_backend: str | None = None,
+    tp_axis: str | None = None,
 ) -> tuple[jax.Array, kv_cache.KVCache]:
-    """-> (final-normed hidden states [B, T, D], cache with this chunk's K/V written)."""
+    """-> (final-normed hidden states [B, T, D], cache with this chunk's K/V written).
+
+    tp_axis: inside shard_map (jaxinfer.sharding), the mesh axis the heads, F and V are split over; params and
+    cache are then this device's shards, and each layer ends its attention and its MLP with one psum.
+    """
     page_table = cache.page_table[seq_ids]  # [B, pages_per_seq]
     kv_lengths = jnp.maximum(cache.lengths[seq_ids], jnp.max(positions, axis=1) + 1)  # [B]
     inv_freq = rope_inv_freq(cfg)  # [H // 2]
     with jax.named_scope("embed"):
-        x = params.embed[tokens]  # [B, T, D]
+        x = embed_lookup(params.embed, tokens, tp_axis)  # [B, T, D]
     k_pages, v_pages = list(cache.k_pages), list(cache.v_pages)
     for i, layer in enumerate(params.layers):
         with jax.named_scope(f"layer_{i}"):
@@ -211,9 +233,9 @@ def forward_hidden(
                     layer, cfg, h, positions, inv_freq, k_pages[i], v_pages[i], page_table, kv_lengths,
                     attention_backend,
                 )
-                x = x + h
+                x = x + all_reduce(h, tp_axis)
             with jax.named_scope("mlp"):
-                x = x + mlp(layer, rms_norm(x, layer.mlp_norm, cfg.norm_eps))
+                x = x + all_reduce(mlp(layer, rms_norm(x, layer.mlp_norm, cfg.norm_eps)), tp_axis)
     x = rms_norm(x, params.final_norm, cfg.norm_eps)
     cache = kv_cache.KVCache(
         k_pages=tuple(k_pages),

@@ -153,17 +153,38 @@ def filter_logits(logits: jax.Array, arrays: SamplingArrays) -> jax.Array:
     return jnp.where(logits >= threshold[:, None], logits, -jnp.inf)
 
 
-def sample(logits: jax.Array, arrays: SamplingArrays, keys: jax.Array, seen: jax.Array) -> jax.Array:
+def argmax(logits: jax.Array, vocab_axis: str | None = None) -> jax.Array:
+    """[B, V] -> [B] int32, the first index of the maximum (jnp.argmax's tie rule).
+
+    vocab_axis: inside shard_map, the mesh axis V is split over (logits are this device's [B, V / tp] columns):
+    a local max and argmax, then a pmax and a pmin on [B] instead of gathering [B, V].
+    """
+    local = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
+    if vocab_axis is None:
+        return local
+    local_max = jnp.max(logits, axis=-1)  # [B]
+    is_max = local_max == jax.lax.pmax(local_max, vocab_axis)  # [B]
+    index = local + jax.lax.axis_index(vocab_axis) * logits.shape[-1]  # [B] global vocabulary ids
+    return jax.lax.pmin(jnp.where(is_max, index, jnp.iinfo(jnp.int32).max), vocab_axis)
+
+
+def sample(
+    logits: jax.Array, arrays: SamplingArrays, keys: jax.Array, seen: jax.Array, vocab_axis: str | None = None
+) -> jax.Array:
     """Next token per row. logits [B, V], keys [B] typed (or [B, 2] uint32), seen [B, V] bool -> [B] int32.
 
     A row's token depends only on its own logits, knobs and key, so batch composition never changes a result.
+    vocab_axis: inside shard_map, logits and seen are this device's [B, V / tp] columns (jaxinfer.sharding).
+    Greedy stays split; a batch with a sampled row all-gathers the logits (the top-k/top-p/min-p sort needs the
+    whole row) and every device draws the same token with the same key.
     """
     logits = apply_repetition_penalty(logits.astype(jnp.float32), seen, arrays.repetition_penalty)  # [B, V]
-    greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
+    greedy_tokens = argmax(logits, vocab_axis)  # [B]
     is_greedy = arrays.temperature == 0  # [B]
 
     def sampled():
-        filtered = filter_logits(logits, arrays)  # [B, V]
+        whole = logits if vocab_axis is None else jax.lax.all_gather(logits, vocab_axis, axis=1, tiled=True)
+        filtered = filter_logits(whole, arrays)  # [B, V]
         # vmap over keys so each row draws from its own stream, identical to drawing it alone.
         drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)  # [B]
         return jnp.where(is_greedy, greedy_tokens, drawn)

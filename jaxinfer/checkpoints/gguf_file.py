@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer import model
+from jaxinfer import model, sharding
 from jaxinfer.checkpoints import layout
 from jaxinfer.config import ModelConfig, RopeScaling
 
@@ -90,13 +90,14 @@ def default_gguf_path() -> Path:
 
 
 def load_gguf(
-    path: str | Path, dtype: str | None = None, progress=None, *, reader=None
+    path: str | Path, dtype: str | None = None, progress=None, *, reader=None, mesh=None
 ) -> tuple[ModelConfig, model.Params]:
     """A GGUF file -> (ModelConfig, Params), weights dequantized to `dtype` (default float32).
 
     Architectures: 'llama' (Llama, Mistral, SmolLM2 GGUFs) and 'qwen2'.
     progress(done, total) is called as tensors are converted, if given.
     reader: the file's gguf.GGUFReader when the caller already has one open (parsing it takes seconds).
+    mesh: put each tensor, as it is dequantized, straight onto its shards (jaxinfer.sharding); None: one device.
     """
     gguf = _import_gguf()
     path = Path(path)
@@ -129,13 +130,18 @@ def load_gguf(
         header = f"GGUF file {path} does not match its {cfg.architecture} metadata:"
         raise ValueError("\n  ".join([header, *problems]))
 
-    def load(entry: layout.SourceTensor) -> jax.Array:
-        return jnp.asarray(entry.to_ours(_dequantize(gguf, tensors[entry.name])), dtype=cfg.jnp_dtype)
+    shardings = [None] * len(entries) if mesh is None else jax.tree.leaves(sharding.param_shardings(cfg, mesh))
+
+    def load(entry: layout.SourceTensor, target) -> jax.Array:
+        ours = entry.to_ours(_dequantize(gguf, tensors[entry.name]))
+        if target is None:
+            return jnp.asarray(ours, dtype=cfg.jnp_dtype)
+        return sharding.put(np.asarray(ours, dtype=cfg.jnp_dtype), target)
 
     # numpy's dequantize kernels release the GIL: a thread per core roughly halves the load time.
     arrays = []
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for array in pool.map(load, entries):
+        for array in pool.map(load, entries, shardings):
             arrays.append(array)
             if progress:
                 progress(len(arrays), len(entries))

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer import model
+from jaxinfer import model, sharding
 from jaxinfer.checkpoints import layout
 from jaxinfer.checkpoints.safetensors_file import SafetensorsFile
 from jaxinfer.config import ModelConfig
@@ -62,13 +62,19 @@ def _safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def load_hf(path: str | Path, dtype: str | None = None, progress=None) -> tuple[ModelConfig, model.Params]:
-    """progress(done, total) is called after each tensor is converted, if given."""
+def load_hf(
+    path: str | Path, dtype: str | None = None, progress=None, *, mesh=None
+) -> tuple[ModelConfig, model.Params]:
+    """progress(done, total) is called after each tensor is converted, if given.
+
+    mesh: put each tensor, as it is converted, straight onto its shards (jaxinfer.sharding); None: one device.
+    """
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{path} is not a HF checkpoint directory: no config.json")
     cfg = ModelConfig.from_hf(json.loads(config_file.read_text()), dtype=dtype)
+    shardings = None if mesh is None else jax.tree.leaves(sharding.param_shardings(cfg, mesh))
 
     files = [SafetensorsFile(f) for f in _safetensors_files(path)]
     where = {name: f for f in files for name in f.tensors}
@@ -88,8 +94,12 @@ def load_hf(path: str | Path, dtype: str | None = None, progress=None) -> tuple[
         raise ValueError(f"checkpoint {path} does not match its config.json:\n  " + "\n  ".join(problems))
 
     arrays = []
-    for entry in entries:
-        arrays.append(jnp.asarray(entry.to_ours(np.asarray(where[entry.name].read(entry.name))), dtype=cfg.jnp_dtype))
+    for i, entry in enumerate(entries):
+        ours = entry.to_ours(np.asarray(where[entry.name].read(entry.name)))
+        if shardings is None:
+            arrays.append(jnp.asarray(ours, dtype=cfg.jnp_dtype))
+        else:
+            arrays.append(sharding.put(np.asarray(ours, dtype=cfg.jnp_dtype), shardings[i]))
         if progress:
             progress(len(arrays), len(entries))
     return cfg, jax.tree.unflatten(treedef, arrays)

@@ -283,6 +283,11 @@ def load_orbax(
     return out_cfg, jax.tree.unflatten(jax.tree.structure(abstract), leaves)
 
 
+def read_orbax_config(path: str | Path) -> ModelConfig:
+    """The checkpoint's ModelConfig alone (to build the shardings a sharded load_orbax restores onto)."""
+    return _read_metadata(Path(path).absolute())[0]
+
+
 def _read_metadata(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
     if not path.is_dir():
         raise ValueError(f"orbax checkpoint {path} does not exist or is not a directory")

@@ -1,0 +1,255 @@
+"""Tensor parallelism: the device mesh, one logical-axis rules table, and the Megatron layout under shard_map.
+
+Every weight is declared once in model.param_specs with logical axes; RULES maps those names to mesh axes and
+everything here (PartitionSpecs, NamedShardings, shard_map specs, local-shape checks) is derived from it.
+
+The layout (Megatron-LM), per device of the `tp` axis:
+- wq/wk/wv (and their biases) hold this device's heads, w_gate/w_up its columns of F: column-parallel.
+- wo holds the rows of its heads, w_down the rows of its F: row-parallel, so each block ends in partial sums,
+  and model.forward_hidden adds exactly one psum after attention and one after the MLP per layer.
+- The KV cache holds the kv heads of this device's q heads.
+- embed and lm_head hold this device's slice of the vocabulary: the lookup is masked and psum'd (one more
+  all-reduce per step), and logits come out sharded over V, never gathered. Greedy sampling takes a local
+  max/argmax and reduces across shards with a pmax and a pmin on [B]; top-k/top-p/min-p rows all-gather the
+  [B, V] logits (only when such a row is in the batch), then every device draws the same token.
+
+kv_heads < tp (SmolLM2's 3 kv heads on 9 devices, K=2 on 4): a kv head cannot be split, so wk/wv/bk/bv stay
+replicated (every device holds all K heads: K/1 times the one head it uses, D*K*H*2 extra elements per
+layer) and each device slices out the kv head its q heads read. The cache stores tp heads, head j a copy of
+kv head j // (tp // K): each device caches one kv head, the same per device as K = tp, but the cache over the
+whole mesh is tp / K times the unsharded one. Params keep their checkpoint layout, so they save and restore
+as they are, onto any mesh.
+
+Room for data parallelism: the mesh has a `dp` axis (size 1 for now) that no rule uses yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxinfer import kv_cache, model
+from jaxinfer import sampling as sampling_lib
+from jaxinfer.config import ModelConfig
+
+DP, TP = "dp", "tp"
+
+# Logical axis -> mesh axis (None: replicated). The one table: model code names only the left column.
+RULES: dict[str, str | None] = {
+    "vocab": TP,
+    "embed": None,
+    "heads": TP,
+    "kv_heads": TP,  # replicated instead when kv_heads < tp, see the module docstring
+    "head_dim": None,
+    "ffn": TP,
+    "cache_kv_heads": TP,  # the cache's kv-head axis: always tp-sharded (kv heads repeated up to tp)
+    "pages": None,
+    "page_slots": None,
+}
+CACHE_PAGE_AXES = ("cache_kv_heads", "pages", "page_slots", "head_dim")  # k_pages / v_pages [K, P, page_size, H]
+
+
+def make_mesh(tensor_parallel: int, devices=None) -> Mesh:
+    """A (dp=1, tp=tensor_parallel) mesh over the first tensor_parallel of `devices` (default: every device of
+    every process, so a multi-host run spans all hosts)."""
+    devices = list(jax.devices() if devices is None else devices)
+    if not (isinstance(tensor_parallel, int) and not isinstance(tensor_parallel, bool) and tensor_parallel >= 1):
+        raise ValueError(f"tensor_parallel={tensor_parallel!r} must be a positive int")
+    if tensor_parallel > len(devices):
+        raise ValueError(f"tensor_parallel={tensor_parallel} exceeds the {len(devices)} available devices")
+    return Mesh(np.array(devices[:tensor_parallel]).reshape(1, tensor_parallel), (DP, TP))
+
+
+def tp_size(mesh: Mesh) -> int:
+    return mesh.shape[TP]
+
+
+def check_tensor_parallel(cfg: ModelConfig, tensor_parallel: int) -> None:
+    """ValueError naming tensor_parallel unless the Megatron layout splits this config evenly."""
+    tp = tensor_parallel
+    for name in ("num_heads", "ffn_dim", "vocab_size"):
+        if getattr(cfg, name) % tp:
+            raise ValueError(f"tensor_parallel={tp} must divide {name}={getattr(cfg, name)}")
+    K = cfg.num_kv_heads
+    if K % tp and tp % K:
+        raise ValueError(
+            f"tensor_parallel={tp} and num_kv_heads={K}: one must divide the other "
+            "(split the kv heads, or replicate each to tensor_parallel // num_kv_heads devices)"
+        )
+
+
+def cache_kv_heads(cfg: ModelConfig, tensor_parallel: int) -> int:
+    """kv heads the cache stores: K, or tp when K < tp (each kv head repeated tp // K times)."""
+    return max(cfg.num_kv_heads, tensor_parallel)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shardings, derived from the TensorSpec declarations
+
+
+def _pspec(spec: model.TensorSpec, tp: int) -> P:
+    """Each dim's mesh axis from RULES; a dim the mesh axis does not divide (only kv_heads < tp) stays replicated."""
+    axes = [RULES[name] for name in spec.axes]
+    return P(*(a if a is None or size % tp == 0 else None for a, size in zip(axes, spec.shape)))
+
+
+def param_pspecs(cfg: ModelConfig, tensor_parallel: int) -> model.Params:
+    """The Params pytree with a PartitionSpec at every leaf."""
+    return jax.tree.map(lambda s: _pspec(s, tensor_parallel), model.param_specs(cfg),
+                        is_leaf=lambda x: isinstance(x, model.TensorSpec))
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh) -> model.Params:
+    """The Params pytree with a NamedSharding at every leaf (load_orbax's `shardings=`, loaders' placement)."""
+    check_tensor_parallel(cfg, tp_size(mesh))
+    return jax.tree.map(lambda p: NamedSharding(mesh, p), param_pspecs(cfg, tp_size(mesh)))
+
+
+def _cache_pspecs(num_layers: int) -> kv_cache.KVCache:
+    pages = P(*(RULES[a] for a in CACHE_PAGE_AXES))
+    return kv_cache.KVCache(k_pages=(pages,) * num_layers, v_pages=(pages,) * num_layers, page_table=P(), lengths=P())
+
+
+def cache_shardings(cfg: ModelConfig, mesh: Mesh) -> kv_cache.KVCache:
+    """The KVCache pytree with a NamedSharding at every leaf: pages split by kv head, page table replicated."""
+    return jax.tree.map(lambda p: NamedSharding(mesh, p), _cache_pspecs(cfg.num_layers))
+
+
+# ---------------------------------------------------------------------------------------------
+# Placement
+
+
+def put(a: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """One host tensor onto the mesh: each device receives only its own slice (every process passes the same a)."""
+    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, mesh: Mesh) -> model.Params:
+    """model.init_params generated in place on the mesh (threefry is partitionable: the same values as tp=1)."""
+    init = jax.jit(model.init_params, static_argnums=0, out_shardings=param_shardings(cfg, mesh))
+    return init(cfg, key)
+
+
+def init_cache(cfg: ModelConfig, mesh: Mesh, **sizes) -> kv_cache.KVCache:
+    """kv_cache.init_cache with the kv heads repeated up to tp, created in place on the mesh."""
+    return _cache_initializer(cfg, mesh, tuple(sorted(sizes.items())))()
+
+
+@functools.lru_cache(maxsize=32)
+def _cache_initializer(cfg: ModelConfig, mesh: Mesh, sizes: tuple):
+    stored = cfg.replace(num_kv_heads=cache_kv_heads(cfg, tp_size(mesh)))
+    return jax.jit(lambda: kv_cache.init_cache(stored, **dict(sizes)), out_shardings=cache_shardings(cfg, mesh))
+
+
+# ---------------------------------------------------------------------------------------------
+# shard_map wrappers: model and sampling code run on local shards; mesh=None is the unsharded path, unchanged
+
+
+def _local_params(params: model.Params, cfg: ModelConfig, tp: int) -> model.Params:
+    """Inside shard_map: check the local shapes; with kv_heads < tp keep only the kv head this device's q heads read."""
+    D, F, N, K, H, V = cfg.d_model, cfg.ffn_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
+    assert params.embed.shape == (V // tp, D), params.embed.shape
+    assert params.lm_head is None or params.lm_head.shape == (D, V // tp), params.lm_head.shape
+    if K >= tp:
+        own = None
+    else:  # device d serves q heads [d N/tp, (d+1) N/tp): all read kv head d // (tp // K)
+        own = jax.lax.axis_index(TP) // (tp // K)
+    layers = []
+    for layer in params.layers:
+        assert layer.wq.shape == (D, N // tp, H) and layer.wo.shape == (N // tp, H, D), (layer.wq.shape, layer.wo.shape)
+        assert layer.w_gate.shape == layer.w_up.shape == (D, F // tp) and layer.w_down.shape == (F // tp, D)
+        if own is not None:
+            assert layer.wk.shape == (D, K, H), layer.wk.shape
+
+            def take(w, axis):
+                return None if w is None else jax.lax.dynamic_slice_in_dim(w, own, 1, axis)
+
+            layer = dataclasses.replace(
+                layer, wk=take(layer.wk, 1), wv=take(layer.wv, 1), bk=take(layer.bk, 0), bv=take(layer.bv, 0)
+            )
+        assert layer.wk.shape == (D, max(K // tp, 1), H), layer.wk.shape
+        layers.append(layer)
+    return dataclasses.replace(params, layers=tuple(layers))
+
+
+def _collective_axis(mesh: Mesh) -> str | None:
+    """TP, or None on a 1-device tp axis: XLA keeps even a 1-device all-reduce, and there is nothing to sum."""
+    return TP if tp_size(mesh) > 1 else None
+
+
+def forward_hidden(mesh, params, cfg, tokens, positions, cache, seq_ids, attention_backend=None):
+    """model.forward_hidden, run on each device's shard of params and cache when mesh is not None."""
+    if mesh is None:
+        return model.forward_hidden(params, cfg, tokens, positions, cache, seq_ids, attention_backend)
+    tp = tp_size(mesh)
+
+    def local(params, tokens, positions, cache, seq_ids):
+        return model.forward_hidden(
+            _local_params(params, cfg, tp), cfg, tokens, positions, cache, seq_ids, attention_backend,
+            tp_axis=_collective_axis(mesh),
+        )
+
+    cache_specs = _cache_pspecs(cfg.num_layers)
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(param_pspecs(cfg, tp), P(), P(), cache_specs, P()),
+        out_specs=(P(), cache_specs),  # hidden states are whole on every device after the last psum
+        check_vma=tp > 1,  # without psums (tp=1) the check cannot see that one device's values are replicated
+    )(params, tokens, positions, cache, seq_ids)
+
+
+def logits(mesh, params, cfg, hidden):
+    """model.logits: hidden [..., D] -> [..., V] float32, split over the vocabulary (never gathered) on a mesh."""
+    if mesh is None:
+        return model.logits(params, cfg, hidden)
+    vocab_split = P(*([None] * (hidden.ndim - 1)), TP)
+    return jax.shard_map(
+        lambda params, hidden: model.logits(params, cfg, hidden),
+        mesh=mesh,
+        in_specs=(param_pspecs(cfg, tp_size(mesh)), P()),
+        out_specs=vocab_split,
+    )(params, hidden)
+
+
+def forward(mesh, params, cfg, tokens, positions, cache, seq_ids, attention_backend=None):
+    """model.forward on a mesh: tokens [B, T] -> (logits [B, T, V] float32 split over V, cache)."""
+    hidden, cache = forward_hidden(mesh, params, cfg, tokens, positions, cache, seq_ids, attention_backend)
+    return logits(mesh, params, cfg, hidden), cache
+
+
+def sample(mesh, logits, arrays, keys, seen):
+    """sampling.sample on vocab-split logits [B, V] and seen [B, V]: one token per row, the same on every device."""
+    if mesh is None:
+        return sampling_lib.sample(logits, arrays, keys, seen)
+    vocab_split = P(None, TP)
+    return jax.shard_map(
+        functools.partial(sampling_lib.sample, vocab_axis=_collective_axis(mesh)),
+        mesh=mesh,
+        in_specs=(vocab_split, P(), P(), vocab_split),
+        out_specs=P(),
+        # Tokens drawn from all-gathered logits are equal on every device, which vma typing cannot see.
+        check_vma=False,
+    )(logits, arrays, keys, seen)
+
+
+def hlo_collectives(compiled_text: str) -> dict[str, int]:
+    """Counts of each collective op in a compiled HLO module's text (tests and run_sharded.py)."""
+    ops = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+    counts = {}
+    for op in ops:
+        # "= f32[...] all-reduce(" and async pairs "all-reduce-start(": count each collective once.
+        counts[op] = sum(f" {op}(" in line or f" {op}-start(" in line for line in compiled_text.splitlines())
+    return counts
+
+
+def to_mesh(params: model.Params, cfg: ModelConfig, mesh: Mesh) -> model.Params:
+    """Reshard existing params onto a mesh (another mesh size, or from one device), tensor by tensor."""
+    shardings = param_shardings(cfg, mesh)
+    return jax.tree.map(lambda a, s: jax.device_put(a, s), params, shardings)
+
