@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     def model_args(p):
         p.add_argument("--model", default="default", help="default | FILE.gguf | HF dir | orbax dir | preset:NAME")
         p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32 for GGUF")
+        p.add_argument("--tensor-parallel", type=int, default=1, help="split the model over this many devices")
 
     def sampling_args(p):
         p.add_argument("--max-new-tokens", type=int, default=256)
@@ -84,9 +85,11 @@ def _sampling(args) -> jaxinfer.SamplingParams:
 def _load(args, progress: bool = True) -> jaxinfer.Model:
     t0 = time.perf_counter()
     if args.model.startswith("preset:"):
-        model = jaxinfer.random_model(args.model.removeprefix("preset:"), dtype=args.dtype)
+        model = jaxinfer.random_model(
+            args.model.removeprefix("preset:"), dtype=args.dtype, tensor_parallel=args.tensor_parallel
+        )
     else:
-        model = jaxinfer.load_model(args.model, dtype=args.dtype, progress=progress)
+        model = jaxinfer.load_model(args.model, args.dtype, args.tensor_parallel, progress=progress)
     print(f"[loaded {args.model} in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
     return model
 

@@ -97,3 +97,13 @@ def test_ctrl_c_stops_the_reply_not_the_chat(monkeypatch, capsys):
     tokens, finish = cli._stream(model, [1], args)
     assert (tokens, finish) == ([5, 6], "interrupted")
     assert "stop reason: interrupted" in capsys.readouterr().err
+
+
+def test_tensor_parallel_flag_gives_the_same_tokens(capsys):
+    argv = ["generate", "--model", "preset:tiny", "--prompt-ids", "1,2,3", "--max-new-tokens", "6"]
+    assert cli.main(argv) == 0
+    alone = capsys.readouterr().out
+    assert cli.main([*argv, "--tensor-parallel", "2"]) == 0
+    assert capsys.readouterr().out == alone
+    assert cli.main([*argv, "--tensor-parallel", "3"]) == 2
+    assert "tensor_parallel=3" in capsys.readouterr().err
