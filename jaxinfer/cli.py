@@ -94,6 +94,14 @@ def _load(args, progress: bool = True) -> jaxinfer.Model:
     return model
 
 
+def _config(args) -> jaxinfer.ModelConfig:
+    """The model's config; a preset needs no weights (random llama-2-7b weights would take 13 GB)."""
+    if args.model.startswith("preset:"):
+        cfg = jaxinfer.ModelConfig.preset(args.model.removeprefix("preset:"))
+        return cfg if args.dtype is None else cfg.replace(dtype=args.dtype)
+    return _load(args).cfg
+
+
 def _stream(model, prompt_ids: list[int], args) -> tuple[list[int], str | None]:
     """Print the reply as it is produced; returns its tokens and finish reason (None if interrupted)."""
     decoder = model.tokenizer.stream() if model.tokenizer is not None else None
@@ -176,7 +184,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_info(args) -> int:
-    cfg = _load(args).cfg
+    cfg = _config(args)
     n = roofline.param_count(cfg)
     print(f"architecture     {cfg.architecture} ({cfg.num_layers} layers, d_model {cfg.d_model}, ffn {cfg.ffn_dim})")
     print(f"attention        {cfg.num_heads} q heads, {cfg.num_kv_heads} kv heads, head_dim {cfg.head_dim}"
@@ -191,7 +199,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_roofline(args) -> int:
-    cfg = _load(args).cfg
+    cfg = _config(args)
     if args.dtype is None:  # GPU serving runs bfloat16, whatever the checkpoint's storage dtype
         cfg = cfg.replace(dtype="bfloat16")
     gpu = roofline.gpu(args.gpu)
