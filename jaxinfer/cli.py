@@ -221,8 +221,22 @@ COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, 
             "roofline": cmd_roofline}
 
 
+def _enable_compilation_cache() -> None:
+    """Reuse compiled programs across runs (TTFT of a fresh process is mostly compilation); JAX_COMPILATION_CACHE_DIR
+    overrides the place, and an empty value turns it off."""
+    import os
+
+    import jax
+
+    path = os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/jaxinfer/xla"))
+    if path:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _enable_compilation_cache()
     try:
         return COMMANDS[args.command](args)
     except ValueError as e:
