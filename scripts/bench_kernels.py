@@ -29,9 +29,7 @@ import datetime
 import itertools
 import json
 import math
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import jax
@@ -39,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import roofline
+from jaxinfer.timing import median_seconds
 from jaxinfer.attention import attention_reference
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.paged_attention import paged_attention
@@ -349,23 +348,6 @@ IMPLS = [
 # Timing and the run.
 
 
-def median_seconds(fn, warmup: int, iters: int) -> float:
-    """Median seconds per call; each sample dispatches enough calls back to back to take ~2 ms."""
-    for _ in range(max(1, warmup)):
-        jax.block_until_ready(fn())
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    calls = max(1, min(100, math.ceil(_SAMPLE_SECONDS / max(time.perf_counter() - t0, 1e-9))))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        for _ in range(calls - 1):
-            fn()
-        jax.block_until_ready(fn())
-        times.append((time.perf_counter() - t0) / calls)
-    return statistics.median(times)
-
-
 def _first_line(e: BaseException, limit: int = 160) -> str:
     text = str(e).strip().splitlines()
     line = text[0] if text else "(no message)"
@@ -412,7 +394,7 @@ def bench_shape(shape: Shape, args, gpu) -> list[dict]:
             rows.append(dict(row, status=status, reason=reason))
             continue
         err, ok = max_error(run.post(out), ref, tol)
-        seconds = median_seconds(run.thunk, args.warmup, args.iters)
+        seconds = median_seconds(run.thunk, args.warmup, args.iters, _SAMPLE_SECONDS)
         rate = amount / seconds
         row.update(status="ok" if ok else "MISMATCH", seconds=seconds, ms=1e3 * seconds, max_err=err, tol=tol)
         if shape.op == "prefill":

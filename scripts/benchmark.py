@@ -12,28 +12,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jaxinfer
+from jaxinfer.timing import median_seconds
 from jaxinfer import roofline
 from jaxinfer.generate import RowSettings, allocate_cache, generate_loop, prefill
 from jaxinfer.sampling import SamplingArrays, SamplingParams, row_keys
-
-
-def median_seconds(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def bench_prefill(model, batch: int, prompt_len: int, page_size: int, warmup: int, iters: int) -> float:

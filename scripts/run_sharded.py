@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxinfer.timing import median_seconds  # imports only jax: safe before jax.distributed.initialize
 
 
 def parse_args(argv):
@@ -63,17 +63,6 @@ def initialize_distributed(args) -> None:
     if args.coordinator_address is None and args.num_processes is None:
         return
     jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-
-
-def median_seconds(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def time_steps(model, batch: int, prompt_len: int, steps: int, warmup: int, iters: int) -> tuple[float, float, str]:
