@@ -44,6 +44,8 @@ def parse_args(argv):
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--compare-unsharded", action="store_true",
                    help="also time the unsharded path with the same weights (they must fit one device)")
+    p.add_argument("--profile", default=None, help="trace one generate call into this directory and print the "
+                   "share of device time spent in collectives")
     p.add_argument("--coordinator-address", default=os.environ.get("JAX_COORDINATOR_ADDRESS"))
     p.add_argument("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES"))
     p.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"))
@@ -154,6 +156,13 @@ def main(argv=None) -> None:
         f"{reduce_bytes / 1e3:.1f} kB all-reduced per step")
     say(f"prefill batch {args.batch} prompt {args.prompt_len}: {1e3 * t_prefill:.2f} ms")
     say(f"decode batch {args.batch}: {1e3 * t_decode:.3f} ms/step, {args.batch / t_decode:.0f} tok/s")
+    if args.profile:
+        from jaxinfer.trace_summary import collective_share
+
+        with jax.profiler.trace(args.profile):
+            jaxinfer.generate(model, prompts, args.steps, greedy, seed=args.seed)
+        say(f"communication: {100 * collective_share(args.profile):.1f}% of device time in collectives "
+            f"(trace in {args.profile})")
     if args.compare_unsharded:
         if unsharded is None:
             params = jax.device_put(model.params, jax.local_devices()[0])

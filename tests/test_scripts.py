@@ -40,3 +40,23 @@ def test_profile_writes_a_trace(tmp_path):
     load_script("profile_trace").main(["--preset", "tiny", "--prompt-len", "16", "--decode-steps", "2", "--out",
                                  str(tmp_path / "trace")])
     assert list((tmp_path / "trace").rglob("*.xplane.pb"))
+
+
+def test_run_sharded_reports_the_collective_share(capsys, tmp_path):
+    import re
+
+    run_sharded = load_script("run_sharded")
+    run_sharded.main(["--preset", "tiny", "--tp", "2", "--steps", "4", "--iters", "1", "--profile",
+                      str(tmp_path / "tp2")])
+    share = float(re.search(r"communication: ([\d.]+)% of device time", capsys.readouterr().out).group(1))
+    assert 0 < share <= 100
+    run_sharded.main(["--preset", "tiny", "--tp", "1", "--steps", "4", "--iters", "1", "--profile",
+                      str(tmp_path / "tp1")])
+    assert "communication: 0.0% of device time" in capsys.readouterr().out  # one device: no collectives
+
+
+def test_collective_names():
+    from jaxinfer.trace_summary import is_collective
+
+    assert all(map(is_collective, ["psum_invariant", "all-reduce.3", "ncclDevKernel_AllReduce_Sum_bf16", "pmax"]))
+    assert not any(map(is_collective, ["dot.12", "copy_bitcast_fusion", "ThunkExecutor::Execute"]))
