@@ -38,12 +38,17 @@ HF_CONFIGS = {
 
 
 def make_hf_model(family: str, seed: int = 0):
-    """A transformers model of the family with every weight random (biases and norms too), float32."""
+    """A transformers model of the family in HF_CONFIGS, every weight random (biases and norms too), float32."""
+    kwargs = dict(HF_CONFIGS[family])
+    arch = kwargs.pop("arch")
+    return random_hf_model(arch, kwargs, seed)
+
+
+def random_hf_model(arch: str, kwargs: dict, seed: int = 0):
+    """transformers' `arch` (e.g. "LlamaForCausalLM") built from config kwargs, every weight random, float32."""
     import torch
     import transformers
 
-    kwargs = dict(HF_CONFIGS[family])
-    arch = kwargs.pop("arch")
     config_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
     config = config_cls(**kwargs)
     config.architectures = [arch]

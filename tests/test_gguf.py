@@ -14,7 +14,7 @@ import torch
 import transformers
 
 import jaxinfer
-from conftest import HF_CONFIGS, make_hf_model, random_prompts
+from conftest import HF_CONFIGS, make_hf_model, random_hf_model, random_prompts
 from jaxinfer.checkpoints import gguf_file
 from jaxinfer.checkpoints.gguf_file import default_gguf_path, load_gguf
 
@@ -33,16 +33,9 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 
 
 def make_tiny_hf(kw: dict, seed: int = 0):
-    """As conftest.make_hf_model, for a config given here: every weight random, float32."""
+    """conftest.random_hf_model for a config given here with its "arch"."""
     kw = dict(kw)
-    arch = kw.pop("arch")
-    config = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**kw)
-    torch.manual_seed(seed)
-    hf = getattr(transformers, arch)._from_config(config, attn_implementation="eager").eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            p.copy_(1.0 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else 0.08 * torch.randn_like(p))
-    return hf
+    return random_hf_model(kw.pop("arch"), kw, seed)
 
 
 # ---------------------------------------------------------------------------------------------

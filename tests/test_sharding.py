@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import jaxinfer
-from conftest import random_prompts
+from conftest import random_hf_model, random_prompts
 from jaxinfer import ModelConfig, SamplingParams, sharding
 from jaxinfer.generate import RowSettings, allocate_cache, decode_step, generate_loop
 from jaxinfer.sampling import SamplingArrays, row_keys
@@ -55,20 +55,6 @@ MIXED_SAMPLING = [  # two greedy rows and two sampled ones through every filter
 ]
 
 
-def _hf_checkpoint(path: Path, arch: str, kwargs: dict, seed: int = 0) -> None:
-    import torch
-    import transformers
-
-    config = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**kwargs)
-    config.architectures = [arch]
-    torch.manual_seed(seed)
-    hf = getattr(transformers, arch)._from_config(config, attn_implementation="eager")
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            p.copy_(1.0 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else 0.08 * torch.randn_like(p))
-    hf.save_pretrained(path)
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """name -> HF checkpoint directory, written once."""
@@ -78,7 +64,7 @@ def checkpoint(tmp_path_factory):
         if name not in made:
             arch, kwargs, _ = SHARDED_CONFIGS[name]
             made[name] = tmp_path_factory.mktemp(f"hf-{name}")
-            _hf_checkpoint(made[name], arch, kwargs)
+            random_hf_model(arch, kwargs).save_pretrained(made[name])
         return made[name]
 
     return get

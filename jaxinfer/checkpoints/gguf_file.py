@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer import model, sharding
+from jaxinfer import model
 from jaxinfer.checkpoints import layout
 from jaxinfer.config import ModelConfig, RopeScaling
 
@@ -130,18 +129,13 @@ def load_gguf(
         header = f"GGUF file {path} does not match its {cfg.architecture} metadata:"
         raise ValueError("\n  ".join([header, *problems]))
 
-    shardings = [None] * len(entries) if mesh is None else jax.tree.leaves(sharding.param_shardings(cfg, mesh))
-
     def load(entry: layout.SourceTensor, target) -> jax.Array:
-        ours = entry.to_ours(_dequantize(gguf, tensors[entry.name]))
-        if target is None:
-            return jnp.asarray(ours, dtype=cfg.jnp_dtype)
-        return sharding.put(np.asarray(ours, dtype=cfg.jnp_dtype), target)
+        return layout.place(entry.to_ours(_dequantize(gguf, tensors[entry.name])), cfg, target)
 
     # numpy's dequantize kernels release the GIL: a thread per core roughly halves the load time.
     arrays = []
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for array in pool.map(load, entries, shardings):
+        for array in pool.map(load, entries, layout.placements(cfg, mesh, len(entries))):
             arrays.append(array)
             if progress:
                 progress(len(arrays), len(entries))

@@ -10,10 +10,9 @@ import json
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer import model, sharding
+from jaxinfer import model
 from jaxinfer.checkpoints import layout
 from jaxinfer.checkpoints.safetensors_file import SafetensorsFile
 from jaxinfer.config import ModelConfig
@@ -74,7 +73,6 @@ def load_hf(
     if not config_file.is_file():
         raise ValueError(f"{path} is not a HF checkpoint directory: no config.json")
     cfg = ModelConfig.from_hf(json.loads(config_file.read_text()), dtype=dtype)
-    shardings = None if mesh is None else jax.tree.leaves(sharding.param_shardings(cfg, mesh))
 
     files = [SafetensorsFile(f) for f in _safetensors_files(path)]
     where = {name: f for f in files for name in f.tensors}
@@ -94,12 +92,8 @@ def load_hf(
         raise ValueError(f"checkpoint {path} does not match its config.json:\n  " + "\n  ".join(problems))
 
     arrays = []
-    for i, entry in enumerate(entries):
-        ours = entry.to_ours(np.asarray(where[entry.name].read(entry.name)))
-        if shardings is None:
-            arrays.append(jnp.asarray(ours, dtype=cfg.jnp_dtype))
-        else:
-            arrays.append(sharding.put(np.asarray(ours, dtype=cfg.jnp_dtype), shardings[i]))
+    for entry, target in zip(entries, layout.placements(cfg, mesh, len(entries))):
+        arrays.append(layout.place(entry.to_ours(np.asarray(where[entry.name].read(entry.name))), cfg, target))
         if progress:
             progress(len(arrays), len(entries))
     return cfg, jax.tree.unflatten(treedef, arrays)

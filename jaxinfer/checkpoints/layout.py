@@ -11,9 +11,11 @@ import dataclasses
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 
-from jaxinfer import model
+from jaxinfer import model, sharding
 from jaxinfer.config import ModelConfig
 
 
@@ -30,6 +32,18 @@ def is_source_tensor(x) -> bool:
 
 def source_leaves(tensor_map: model.Params) -> tuple[list[SourceTensor], jax.tree_util.PyTreeDef]:
     return jax.tree.flatten(tensor_map, is_leaf=is_source_tensor)
+
+
+def placements(cfg: ModelConfig, mesh: Mesh | None, count: int) -> list[NamedSharding | None]:
+    """Where each of the `count` leaves goes: its shards on the mesh, or None (the default device)."""
+    return [None] * count if mesh is None else jax.tree.leaves(sharding.param_shardings(cfg, mesh))
+
+
+def place(ours: np.ndarray, cfg: ModelConfig, target: NamedSharding | None) -> jax.Array:
+    """One converted tensor, cast to cfg's dtype, onto the default device or straight onto its shards."""
+    if target is None:
+        return jnp.asarray(ours, dtype=cfg.jnp_dtype)
+    return sharding.put(np.asarray(ours, dtype=cfg.jnp_dtype), target)
 
 
 def tensor_map(cfg: ModelConfig, names: dict[str, str], qk_to_ours=None) -> model.Params:
