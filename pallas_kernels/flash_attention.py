@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from jaxinfer.attention import attention_reference
 
@@ -259,11 +260,10 @@ def flash_attention(
         sliding_window=sliding_window,
         upcast_dots=interpret,
     )
-    compiler_params = None
-    if not interpret and jax.default_backend() == "gpu":
-        from jax.experimental.pallas import triton as pltriton
-
-        compiler_params = pltriton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+    # Triton's params pick the Triton lowering explicitly: without them jax 0.10 lowers a GPU pallas_call
+    # through Mosaic GPU, which cannot take this body (its whole-pool blocks overflow shared memory).
+    compiler_params = None if interpret else pltriton.CompilerParams(num_warps=blocks.num_warps,
+                                                                     num_stages=blocks.num_stages)
     P = k_pages.shape[1]
     o = pl.pallas_call(
         kernel,

@@ -1,11 +1,16 @@
 """Paged decode attention: one query token per sequence attends to its pages of the KV cache.
 
-Backend: a generic `pl.pallas_call` body. On the CPU (jax 0.10.2) it runs through the HLO interpreter
-(`interpret=True`); on the GPU it lowers through Triton (it passes Triton compiler params, so the Triton
-lowering is picked explicitly; jax 0.11 deprecates that backend but still runs it). A Mosaic GPU
-(`plgpu.kernel`) body for Hopper is future work; it will sit behind the same wrapper.
-The CPU tests also lower it to Triton IR (`lowering_platforms=("cuda",)`), which needs no GPU; Triton's
-own passes to PTX, and the speed, are checked only on the device.
+Two bodies behind one wrapper (`implementation=`):
+- "mosaic": a Mosaic GPU (`plgpu.kernel`) body for Hopper, in `paged_attention_mgpu.py` (TMA page copies
+  into a ring of shared-memory slots, wgmma for both products). It takes 16-bit inputs with head_dim a
+  multiple of 64 and page_size a multiple of 8; the default on the GPU for such inputs.
+- "triton": a generic `pl.pallas_call` body, below: every dtype and shape, lowered through Triton on the
+  GPU (Triton compiler params pick that lowering; jax 0.11 deprecates it but still runs it) and through
+  the HLO interpreter on the CPU (`interpret=True`, any jax).
+`interpret=True` runs the chosen body on the CPU: "triton" through the HLO interpreter, "mosaic" through
+Mosaic GPU's own interpreter (jax >= 0.11; 0.10's interpreter lacks `layout_cast`). The CPU tests also
+lower both bodies for CUDA (`lowering_platforms=("cuda",)`), which needs no GPU; the passes to PTX, and
+the speed, are checked only on the device.
 
 Algorithm (flash-decoding over pages):
 - Grid (B, K, num_splits). Program (b, k, s) takes the G = N // K query heads that share kv head k as one
@@ -33,6 +38,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxinfer.attention import attention_reference
+from pallas_kernels import paged_attention_mgpu
 
 _MASKED = -1e30  # finite: exp2(_MASKED - m) is exactly 0 and m never becomes -inf, so no inf - inf = NaN
 _LOG2E = math.log2(math.e)
@@ -183,9 +189,37 @@ def _validate(q, k_pages, v_pages, page_table, kv_lengths, q_positions, sliding_
         _check_int("sliding_window", sliding_window)
 
 
+IMPLEMENTATIONS = ("mosaic", "triton")
+# Mosaic GPU body: keys per inner step and ring slots. GUESSES until measured on the H100: 64 keys a step
+# keeps K, V, q and p of a step in 88 KB of shared memory at head_dim 128 with two slots in flight.
+_MOSAIC_BLOCK_KEYS = 64
+_MOSAIC_STAGES = 2
+
+
+def _mosaic_interpreter_available() -> bool:
+    """Mosaic GPU's interpreter runs this body from jax 0.11 on (0.10's lacks `layout_cast`)."""
+    return tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 11)
+
+
+def _pick_implementation(implementation, interpret, q, head_dim, page_size, group) -> str:
+    reason = paged_attention_mgpu.unsupported_reason(q.dtype, head_dim, page_size, group)
+    if implementation is None:
+        on_gpu = not interpret and jax.default_backend() == "gpu"
+        return "mosaic" if on_gpu and reason is None else "triton"
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r} must be one of {IMPLEMENTATIONS} or None")
+    if implementation == "mosaic":
+        if reason is not None:
+            raise ValueError(f"implementation='mosaic' cannot take these inputs: {reason}")
+        if interpret and not _mosaic_interpreter_available():
+            raise ValueError(f"implementation='mosaic' with interpret=True needs jax >= 0.11 "
+                             f"(Mosaic GPU's interpreter); this is jax {jax.__version__}")
+    return implementation
+
+
 @functools.partial(
     jax.jit, static_argnames=("sliding_window", "pages_per_block", "num_splits", "num_warps", "num_stages",
-                              "interpret"))
+                              "implementation", "interpret"))
 def paged_attention(
     q: jax.Array,  # [B, N, H]
     k_pages: jax.Array,  # [K, P, page_size, H]
@@ -199,6 +233,7 @@ def paged_attention(
     num_splits: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    implementation: str | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """Decode attention of q [B, N, H] over the paged cache -> [B, N, H] in q.dtype.
@@ -207,15 +242,22 @@ def paged_attention(
     (default kv_lengths[b] - 1) and sees keys s <= q_position with q_position - s < sliding_window.
     A row that sees no key (length 0, position -1) returns zeros. Matches `attention_reference` with T = 1.
 
-    pages_per_block: pages per inner step (at most the power of two >= pages_per_seq); num_splits: how
-    many programs share one sequence (flash-decoding). None picks them from the tuned table and the
-    grid size; num_warps / num_stages only matter to the Triton lowering.
+    pages_per_block: pages per inner step; num_splits: how many programs share one sequence
+    (flash-decoding); num_stages: software-pipeline depth (Triton stages, or Mosaic GPU ring slots);
+    num_warps: Triton only. None picks them from the tuned tables and the grid size.
+    implementation: "mosaic" (Hopper, 16-bit inputs) or "triton" (generic); None picks "mosaic" on a GPU
+    when the inputs allow it, else "triton".
     """
     _validate(q, k_pages, v_pages, page_table, kv_lengths, q_positions, sliding_window)
     B, N, H = q.shape
     K, P, page_size, _ = k_pages.shape
     pages_per_seq = page_table.shape[1]
     G = N // K
+    implementation = _pick_implementation(implementation, interpret, q, H, page_size, G)
+    if implementation == "mosaic":
+        return _paged_attention_mosaic(q, k_pages, v_pages, page_table, kv_lengths, q_positions,
+                                       sliding_window=sliding_window, pages_per_block=pages_per_block,
+                                       num_splits=num_splits, num_stages=num_stages, interpret=interpret)
     tuned_pages, tuned_warps, tuned_stages = default_block_sizes(q.dtype, H, page_size)
     pages_per_block = tuned_pages if pages_per_block is None else pages_per_block
     num_warps = tuned_warps if num_warps is None else num_warps
@@ -228,20 +270,9 @@ def paged_attention(
         _check_int("page_size", page_size, power_of_2=True)
         _check_int("head_dim", H, power_of_2=True)
     pages_per_block = min(pages_per_block, _next_power_of_2(pages_per_seq))
-    num_blocks = pl.cdiv(pages_per_seq, pages_per_block)
-    if num_splits is None:
-        num_splits = min(pl.cdiv(_TARGET_PROGRAMS, B * K), num_blocks, _MAX_SPLITS)
-    _check_int("num_splits", num_splits)
-    num_splits = min(num_splits, num_blocks)
-    blocks_per_split = pl.cdiv(num_blocks, num_splits)
-    num_splits = pl.cdiv(num_blocks, blocks_per_split)  # drop splits that would get no block
-
+    num_splits, blocks_per_split, page_table = _plan_splits(page_table, P, B * K, pages_per_block, num_splits)
     if q_positions is None:
         q_positions = kv_lengths - 1
-    # Entries past a sequence's pages may be anything: clip them so the kernel never reads outside the pool
-    # (what they point at is masked), and pad the row to whole blocks.
-    padded_pages = num_splits * blocks_per_split * pages_per_block
-    page_table = jnp.pad(jnp.clip(page_table, 0, P - 1), ((0, 0), (0, padded_pages - pages_per_seq)))
     rows = max(_MIN_DOT_ROWS, _next_power_of_2(G))
     q = q.reshape(B, K, G, H)  # [B, K, G, H]
     q = jnp.pad(q, ((0, 0), (0, 0), (0, rows - G), (0, 0)))  # [B, K, Gp, H], zero rows are sliced off below
@@ -266,7 +297,7 @@ def paged_attention(
                 pl.BlockSpec((None, None, rows, H), lambda b, k, s: (b, k, 0, 0)),  # q
                 pool_spec,  # k_pages
                 pool_spec,  # v_pages
-                pl.BlockSpec((None, padded_pages), lambda b, k, s: (b, 0)),  # page_table
+                pl.BlockSpec((None, page_table.shape[1]), lambda b, k, s: (b, 0)),  # page_table
                 scalar_spec,  # kv_lengths
                 scalar_spec,  # q_positions
             ],
@@ -285,13 +316,72 @@ def paged_attention(
             name="paged_attention",
         )(q, k_pages, v_pages, page_table, kv_lengths, q_positions)
 
-        # Merge the splits: rescale each to the common max; a split that saw no key has l = 0.
-        m_max = m.max(axis=0)  # [B, K, Gp]
-        w = jnp.exp2(m - m_max)  # [num_splits, B, K, Gp]
-        l = (l * w).sum(axis=0)  # [B, K, Gp]
-        o = (o * w[..., None]).sum(axis=0)  # [B, K, Gp, H]
-        o = jnp.where(l[..., None] > 0, o / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
-        return o[:, :, :G].reshape(B, N, H).astype(q.dtype)  # [B, K, G, H] -> [B, N, H]
+        return _merge_splits(o, m, l, G).reshape(B, N, H).astype(q.dtype)  # [B, K, G, H] -> [B, N, H]
+
+
+def _plan_splits(page_table, num_pages: int, programs_per_split: int, pages_per_block: int, num_splits):
+    """-> (num_splits, blocks_per_split, page table padded to num_splits * blocks_per_split blocks).
+
+    num_splits None fills the GPU (about _TARGET_PROGRAMS programs); splits that would get no block are
+    dropped. Entries past a sequence's pages may be anything: they are clipped into [0, num_pages) so a
+    kernel never reads outside the pool (what they point at is masked).
+    """
+    pages_per_seq = page_table.shape[1]
+    num_blocks = pl.cdiv(pages_per_seq, pages_per_block)
+    if num_splits is None:
+        num_splits = min(pl.cdiv(_TARGET_PROGRAMS, programs_per_split), num_blocks, _MAX_SPLITS)
+    _check_int("num_splits", num_splits)
+    blocks_per_split = pl.cdiv(num_blocks, min(num_splits, num_blocks))
+    num_splits = pl.cdiv(num_blocks, blocks_per_split)
+    padded_pages = num_splits * blocks_per_split * pages_per_block
+    page_table = jnp.pad(jnp.clip(page_table, 0, num_pages - 1), ((0, 0), (0, padded_pages - pages_per_seq)))
+    return num_splits, blocks_per_split, page_table
+
+
+def _merge_splits(o, m, l, group: int) -> jax.Array:
+    """Partials o [S, B, K, Gp, H], m and l [S, B, K, Gp] (log2 units) -> [B, K, G, H] float32.
+
+    Each split is rescaled to the common max; a split that saw no key has l = 0, a row no split saw is 0.
+    """
+    m_max = m.max(axis=0)  # [B, K, Gp]
+    w = jnp.exp2(m - m_max)  # [S, B, K, Gp]
+    l = (l * w).sum(axis=0)  # [B, K, Gp]
+    o = (o * w[..., None]).sum(axis=0)  # [B, K, Gp, H]
+    o = jnp.where(l[..., None] > 0, o / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+    return o[:, :, :group]
+
+
+def _paged_attention_mosaic(q, k_pages, v_pages, page_table, kv_lengths, q_positions, *, sliding_window,
+                            pages_per_block, num_splits, num_stages, interpret):
+    """The Mosaic GPU body (`paged_attention_mgpu`) behind `paged_attention`'s contract."""
+    B, N, H = q.shape
+    K, P, page_size, _ = k_pages.shape
+    pages_per_seq = page_table.shape[1]
+    G = N // K
+    if pages_per_block is None:  # the fewest pages that fill whole 64-key wgmma tiles
+        pages_per_block = math.lcm(page_size, _MOSAIC_BLOCK_KEYS) // page_size
+    num_stages = _MOSAIC_STAGES if num_stages is None else num_stages
+    _check_int("pages_per_block", pages_per_block)
+    _check_int("num_stages", num_stages)
+    if (pages_per_block * page_size) % 64:
+        raise ValueError(f"pages_per_block={pages_per_block} x page_size={page_size} must be a multiple of 64 "
+                         f"keys for implementation='mosaic' (a wgmma tile)")
+    smem = paged_attention_mgpu.shared_memory_bytes(q.dtype, H, pages_per_block * page_size, num_stages)
+    if smem > paged_attention_mgpu.SMEM_BYTES:
+        raise ValueError(f"pages_per_block={pages_per_block}, num_stages={num_stages} need {smem // 1024} KiB of "
+                         f"shared memory, more than the {paged_attention_mgpu.SMEM_BYTES // 1024} KiB of a Hopper SM")
+    num_splits, blocks_per_split, page_table = _plan_splits(page_table, P, B * K, pages_per_block, num_splits)
+    if q_positions is None:
+        q_positions = kv_lengths - 1
+    # Visible keys are [lo, hi): written, not after the query, inside the window.
+    hi = jnp.clip(jnp.minimum(kv_lengths, q_positions + 1), 0, pages_per_seq * page_size)  # [B]
+    lo = jnp.zeros_like(hi) if sliding_window is None else jnp.maximum(q_positions - sliding_window + 1, 0)
+    with jax.named_scope("paged_attention"):
+        o, m, l = paged_attention_mgpu.paged_attention_partials(
+            q.reshape(B, K, G, H), k_pages, v_pages, page_table, lo, hi, pages_per_block=pages_per_block,
+            blocks_per_split=blocks_per_split, num_splits=num_splits, num_stages=num_stages,
+            interpret=interpret)
+        return _merge_splits(o, m, l, G).reshape(B, N, H).astype(q.dtype)
 
 
 def paged_attention_reference(q, k_pages, v_pages, page_table, kv_lengths, q_positions=None, *,

@@ -208,7 +208,15 @@ def _ours(p: Problem, interpret: bool):
         args = (p.q, p.k_pages, p.v_pages, p.page_table, p.q_positions, p.kv_lengths)
         return Run(lambda: flash_attention(*args, interpret=interpret))
     args = (p.q, p.k_pages, p.v_pages, p.page_table, p.kv_lengths, p.q_positions)
-    return Run(lambda: paged_attention(*args, interpret=interpret))
+    return Run(lambda: paged_attention(*args, interpret=interpret))  # on a GPU: the Mosaic body where it applies
+
+
+def _ours_triton(p: Problem, interpret: bool):
+    """Decode through our generic (Triton) body, next to the default pick above."""
+    if p.shape.op == "prefill":
+        raise Skipped("prefill has one body (generic / Triton): 'ours' above")
+    args = (p.q, p.k_pages, p.v_pages, p.page_table, p.kv_lengths, p.q_positions)
+    return Run(lambda: paged_attention(*args, implementation="triton", interpret=interpret))
 
 
 @jax.jit
@@ -336,6 +344,7 @@ def _jax_mgpu(p: Problem, interpret: bool):
 
 IMPLS = [
     Impl("ours", "ours: pallas_kernels", _ours),
+    Impl("ours-triton", "ours: generic body (Triton)", _ours_triton),
     Impl("xla-reference", "XLA attention_reference (gather)", _xla_reference),
     Impl("xla-dense", "XLA dense jnp (contiguous)", _xla_dense),
     Impl("cudnn", "cuDNN dot_product_attention", _cudnn),

@@ -46,8 +46,8 @@ def make_hf_model(family: str, seed: int = 0):
 
 def random_hf_model(arch: str, kwargs: dict, seed: int = 0):
     """transformers' `arch` (e.g. "LlamaForCausalLM") built from config kwargs, every weight random, float32."""
-    import torch
-    import transformers
+    torch = pytest.importorskip("torch")  # the CI stage on jax 0.11.2 (Python 3.12) has no torch
+    transformers = pytest.importorskip("transformers")
 
     config_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
     config = config_cls(**kwargs)
@@ -82,3 +82,13 @@ def hf_checkpoint(tmp_path_factory):
 def random_prompts(vocab_size: int, lengths, seed: int = 0) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [rng.integers(3, vocab_size, size=n).tolist() for n in lengths]
+
+
+def lower_for_h100(fn, *args) -> str:
+    """StableHLO text of jit `fn` lowered for an H100 on this (CPU) machine: Pallas' Triton and Mosaic GPU
+    lowerings run here; an abstract H100 stands in for the device jax 0.11 asks for its compute capability."""
+    import jax
+
+    h100 = jax.sharding.AbstractDevice("NVIDIA H100", None, "cuda")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
+        return fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()

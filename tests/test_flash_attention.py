@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import lower_for_h100
 from jaxinfer.attention import attention_reference
 from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
 
@@ -173,6 +174,18 @@ def test_page_size_must_be_power_of_2():
     k_pages = jnp.concatenate([k_pages, k_pages[:, :, :8]], axis=2)  # page_size 24
     with pytest.raises(ValueError, match="page_size"):
         flash_attention(q, k_pages, k_pages, page_table, q_positions, kv_lengths, interpret=True)
+
+
+@pytest.mark.parametrize("dtype,head_dim,group,num_kv_heads,page_size,window,blocks",
+                         [SWEEP[2], SWEEP[3], SWEEP[6], SWEEP[7]])
+def test_lowers_to_triton(dtype, head_dim, group, num_kv_heads, page_size, window, blocks):
+    """Pallas' Triton lowering runs on the CPU: a primitive Triton cannot lower, or a tile that is not a power
+    of two, fails here in CI. It stops at Triton IR; the passes to PTX run only on the device."""
+    pytest.importorskip("jaxlib.triton.dialect")
+    args = make_case(0, dtype=dtype, head_dim=head_dim, num_kv_heads=num_kv_heads, group=group,
+                     page_size=page_size, chunks=ragged_prompts(page_size))
+    fn = jax.jit(lambda *a: flash_attention(*a, sliding_window=window, **blocks))
+    assert "__gpu$xla.gpu.triton" in lower_for_h100(fn, *args)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled Pallas (Triton) needs a GPU")

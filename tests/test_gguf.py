@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
+torch = pytest.importorskip("torch")  # the CI stage on jax 0.11.2 has no torch
+transformers = pytest.importorskip("transformers")
 
 import jaxinfer
 from conftest import HF_CONFIGS, make_hf_model, random_hf_model, random_prompts

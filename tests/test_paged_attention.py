@@ -1,5 +1,9 @@
 """pallas_kernels/paged_attention.py against its reference: interpret mode on the CPU, compiled on a GPU.
 
+Both bodies: the generic one ("triton") in the HLO interpreter on any jax, the Mosaic GPU one ("mosaic")
+in Mosaic GPU's interpreter on jax >= 0.11 (CI runs these in its jax 0.11.2 stage); both are lowered for
+CUDA on the CPU with every jax.
+
 Adversarial caches: randomly permuted page tables, ragged lengths (1, page-1, page, page+1, max), every
 slot and page that is not written filled with NaN, and page-table entries past a sequence's pages
 pointing at NaN pages, at -1 or past the pool.
@@ -12,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.paged_attention import paged_attention, paged_attention_reference
+from conftest import lower_for_h100
+from pallas_kernels.paged_attention import _mosaic_interpreter_available, paged_attention, paged_attention_reference
 
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2}
 
@@ -165,7 +170,7 @@ def test_lowers_to_triton(dtype, head_dim, q_per_kv, page_size, sliding_window, 
                      pages_per_seq=5 if page_size == 16 else 3)
     fn = jax.jit(lambda *a: paged_attention(*a, sliding_window=sliding_window, num_splits=num_splits,
                                             pages_per_block=pages_per_block))
-    hlo = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    hlo = lower_for_h100(fn, *args)
     assert "__gpu$xla.gpu.triton" in hlo
 
 
@@ -181,3 +186,99 @@ def test_compiled_on_gpu(dtype, head_dim, q_per_kv, page_size, sliding_window, n
         ref = paged_attention_reference(*args, sliding_window=sliding_window)
     assert_matches(out, ref, dtype)
     assert_matches(paged_attention(*args), ref, dtype)  # the tuned defaults compile too
+
+
+# The Mosaic GPU body takes 16-bit inputs and whole wgmma tiles of 64 keys a step: the 16-bit CASES, with
+# pages_per_block raised to 64 keys (or twice that) where the case asks for fewer.
+MOSAIC_CASES = [
+    (dtype, head_dim, q_per_kv, page_size, window, splits, max(ppb, 64 // page_size) * (1 + (ppb == 4)))
+    for dtype, head_dim, q_per_kv, page_size, window, splits, ppb in CASES if dtype != "float32"
+]
+needs_mosaic_interpreter = pytest.mark.skipif(
+    not _mosaic_interpreter_available(), reason="Mosaic GPU's interpreter runs this body from jax 0.11 on")
+
+
+@needs_mosaic_interpreter
+@pytest.mark.parametrize("dtype,head_dim,q_per_kv,page_size,sliding_window,num_splits,pages_per_block",
+                         MOSAIC_CASES)
+def test_mosaic_matches_reference(dtype, head_dim, q_per_kv, page_size, sliding_window, num_splits,
+                                  pages_per_block):
+    # page 16: 5 pages a sequence in blocks of 4 or 8 pages; page 64: 3 pages in blocks of 1 or 2.
+    args = make_case(0, dtype=dtype, head_dim=head_dim, q_per_kv=q_per_kv, page_size=page_size,
+                     pages_per_seq=5 if page_size == 16 else 3)
+    out = paged_attention(*args, sliding_window=sliding_window, num_splits=num_splits,
+                          pages_per_block=pages_per_block, implementation="mosaic", interpret=True)
+    assert_matches(out, paged_attention_reference(*args, sliding_window=sliding_window), dtype)
+
+
+@needs_mosaic_interpreter
+@pytest.mark.parametrize("sliding_window", [None, 8])
+def test_mosaic_explicit_q_positions(sliding_window):
+    """Length 0 / position -1 give zeros, a query before the last key ignores later keys, a window that
+    starts mid-block hides the keys before it, with three ring slots and one block a step."""
+    q, k_pages, v_pages, page_table, kv_lengths = make_case(
+        1, dtype="bfloat16", head_dim=64, q_per_kv=4, page_size=16, pages_per_seq=9,
+        lengths=[0, 5, 40, 140, 144])
+    q_positions = jnp.asarray([-1, -1, 39, 100, 17], jnp.int32)
+    args = (q, k_pages, v_pages, page_table, kv_lengths, q_positions)
+    out = paged_attention(*args, sliding_window=sliding_window, num_splits=1, num_stages=3,
+                          implementation="mosaic", interpret=True)
+    assert_matches(out, paged_attention_reference(*args, sliding_window=sliding_window), "bfloat16")
+    np.testing.assert_array_equal(np.asarray(out[:2], np.float32), 0.0)
+
+
+MOSAIC_LOWERING_CASES = [
+    ("bfloat16", 128, 4, 16, None, None, None),  # the defaults: the decode shape of the issue
+    ("bfloat16", 64, 8, 64, 70, 2, 2),
+    ("float16", 128, 1, 16, 33, 3, 8),
+]
+
+
+@pytest.mark.parametrize("dtype,head_dim,q_per_kv,page_size,sliding_window,num_splits,pages_per_block",
+                         MOSAIC_LOWERING_CASES)
+def test_mosaic_lowers_for_cuda(dtype, head_dim, q_per_kv, page_size, sliding_window, num_splits,
+                                pages_per_block):
+    """Pallas' Mosaic GPU lowering (layouts, TMA descriptors, wgmma shapes) runs on the CPU for CUDA."""
+    args = make_case(0, dtype=dtype, head_dim=head_dim, q_per_kv=q_per_kv, page_size=page_size,
+                     pages_per_seq=5 if page_size == 16 else 3)
+    fn = jax.jit(lambda *a: paged_attention(*a, sliding_window=sliding_window, num_splits=num_splits,
+                                            pages_per_block=pages_per_block, implementation="mosaic"))
+    hlo = lower_for_h100(fn, *args)
+    assert "mosaic_gpu" in hlo and "triton" not in hlo
+
+
+_BF16 = dict(q=_Q.astype(jnp.bfloat16), k_pages=_PAGES.astype(jnp.bfloat16), v_pages=_PAGES.astype(jnp.bfloat16))
+MOSAIC_BAD_INPUTS = [
+    ("float32", dict(implementation="mosaic")),  # not 16-bit
+    ("page_size=20", dict(q=_Q.astype(jnp.bfloat16), k_pages=jnp.zeros((2, 6, 20, 64), jnp.bfloat16),
+                          v_pages=jnp.zeros((2, 6, 20, 64), jnp.bfloat16), implementation="mosaic")),
+    ("pages_per_block=2", dict(_BF16, pages_per_block=2, implementation="mosaic", interpret=False)),
+    ("shared memory", dict(_BF16, pages_per_block=64, num_stages=4, implementation="mosaic", interpret=False)),
+    ("implementation='cuda'", dict(implementation="cuda")),
+]
+
+
+@pytest.mark.parametrize("name,change", MOSAIC_BAD_INPUTS, ids=[name for name, _ in MOSAIC_BAD_INPUTS])
+def test_mosaic_bad_inputs_raise(name, change):
+    with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+        paged_attention(**{**_GOOD, **change})
+
+
+@pytest.mark.skipif(_mosaic_interpreter_available(), reason="this jax's Mosaic GPU interpreter runs the body")
+def test_mosaic_interpret_on_old_jax_names_the_version():
+    with pytest.raises(ValueError, match=rf"jax {jax.__version__}"):
+        paged_attention(**{**_GOOD, **_BF16, "pages_per_block": 4, "implementation": "mosaic"})
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled Mosaic GPU needs a Hopper GPU")
+@pytest.mark.parametrize("dtype,head_dim,q_per_kv,page_size,sliding_window,num_splits,pages_per_block",
+                         MOSAIC_CASES)
+def test_mosaic_compiled_on_gpu(dtype, head_dim, q_per_kv, page_size, sliding_window, num_splits,
+                                pages_per_block):
+    args = make_case(0, dtype=dtype, head_dim=head_dim, q_per_kv=q_per_kv, page_size=page_size,
+                     pages_per_seq=5 if page_size == 16 else 3)
+    out = paged_attention(*args, sliding_window=sliding_window, num_splits=num_splits,
+                          pages_per_block=pages_per_block, implementation="mosaic")
+    ref = paged_attention_reference(*args, sliding_window=sliding_window)
+    assert_matches(out, ref, dtype)
+    assert_matches(paged_attention(*args, implementation="mosaic"), ref, dtype)  # the tuned defaults

@@ -63,8 +63,10 @@ def checkpoint(tmp_path_factory):
     def get(name: str) -> Path:
         if name not in made:
             arch, kwargs, _ = SHARDED_CONFIGS[name]
-            made[name] = tmp_path_factory.mktemp(f"hf-{name}")
-            random_hf_model(arch, kwargs).save_pretrained(made[name])
+            hf = random_hf_model(arch, kwargs)  # skips the test where torch is missing (CI's jax 0.11 stage)
+            path = tmp_path_factory.mktemp(f"hf-{name}")
+            hf.save_pretrained(path)
+            made[name] = path
         return made[name]
 
     return get
