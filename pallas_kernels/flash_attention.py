@@ -1,9 +1,13 @@
 """Flash attention for prefill and chunked prefill, reading K/V straight from the paged cache.
 
-Backend: one generic `pl.pallas_call` body. With `interpret=True` it runs on the CPU through the HLO
-interpreter (CI, jax 0.10.2); compiled on GPU it lowers through Pallas Triton (jax 0.11: deprecated, still
-works). A `plgpu.kernel` (Mosaic GPU) body for Hopper is future work; this body is the portable baseline
-and the one the Mosaic body will be checked against.
+Two bodies behind one wrapper (`implementation=`), as for paged decode:
+- "mosaic": a Mosaic GPU (`plgpu.kernel`) body for Hopper in `flash_attention_mgpu.py`: 64 query rows per
+  warpgroup, TMA page ring, wgmma. 16-bit inputs, head_dim a multiple of 64, page_size a multiple of 8;
+  the default on a GPU for such inputs. Not warp-specialised yet (FlashAttention-3's producer warpgroup
+  and two consumer warpgroups are the next step once it has been measured).
+- "triton": the generic `pl.pallas_call` body below, every supported dtype; with `interpret=True` it runs
+  on the CPU through the HLO interpreter (any jax); compiled on GPU it lowers through Pallas Triton
+  (jax 0.11: deprecated, still works).
 
 Algorithm (FlashAttention-2 forward, online softmax in float32):
 - q [B, T, N, H] is regrouped so that one program owns block_q query positions of all G = N // K query
@@ -41,6 +45,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxinfer.attention import attention_reference
+from pallas_kernels import flash_attention_mgpu, mosaic_common
 
 _MASKED = -1e30  # finite: masked - masked stays 0 instead of NaN
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -201,8 +206,15 @@ def default_blocks(dtype, head_dim: int, page_size: int) -> FlashBlocks:
     return TUNED.get((jnp.dtype(dtype).name, head_dim, page_size), _FALLBACK)
 
 
+# Mosaic GPU body: keys per kv step and ring slots. GUESSES until measured on the H100 (88 KB of shared
+# memory at head_dim 128: two programs per SM).
+_MOSAIC_BLOCK_KEYS = 64
+_MOSAIC_STAGES = 2
+
+
 @functools.partial(
-    jax.jit, static_argnames=("sliding_window", "block_q", "pages_per_block", "interpret")
+    jax.jit,
+    static_argnames=("sliding_window", "block_q", "pages_per_block", "num_stages", "implementation", "interpret"),
 )
 def flash_attention(
     q,  # [B, T, N, H]
@@ -215,18 +227,29 @@ def flash_attention(
     sliding_window: int | None = None,
     block_q: int | None = None,
     pages_per_block: int | None = None,
+    num_stages: int | None = None,
+    implementation: str | None = None,
     interpret: bool = False,
 ):
     """Causal (optionally sliding-window) attention of q over the paged cache -> [B, T, N, H] in q.dtype.
 
-    Same contract as `jaxinfer.attention.attention_reference`. block_q (query positions per program) and
-    pages_per_block (pages per kv step) default from TUNED; both must be powers of 2.
+    Same contract as `jaxinfer.attention.attention_reference`. implementation: "mosaic" (Hopper, 16-bit)
+    or "triton" (generic); None picks "mosaic" on a GPU when the inputs allow it. For "triton", block_q
+    (query positions per program) and pages_per_block (pages per kv step) default from TUNED and must be
+    powers of 2; "mosaic" takes 64 query rows per program, pages_per_block * page_size a multiple of 64
+    keys and num_stages ring slots.
     """
     _check_inputs(q, k_pages, v_pages, page_table, q_positions, kv_lengths, sliding_window)
     B, T, N, H = q.shape
     K, _, page_size, _ = k_pages.shape
     pages_per_seq = page_table.shape[1]
     G = N // K
+    if mosaic_common.pick_implementation(implementation, interpret, q.dtype, H, page_size, G) == "mosaic":
+        if block_q is not None:
+            raise ValueError(f"block_q={block_q!r} is for implementation='triton'; 'mosaic' takes 64 query rows")
+        return _flash_attention_mosaic(q, k_pages, v_pages, page_table, q_positions, kv_lengths,
+                                       sliding_window=sliding_window, pages_per_block=pages_per_block,
+                                       num_stages=num_stages, interpret=interpret)
     G_pad = pl.next_power_of_2(G)  # Triton tiles are powers of 2: pad e.g. G = 3 to 4 with dummy heads
     blocks = default_blocks(q.dtype, H, page_size)
 
@@ -284,6 +307,36 @@ def flash_attention(
     )(kv_lengths.astype(jnp.int32), positions, table, qg, k_pages, v_pages)
     o = o.reshape(B, K, T_pad, G_pad, H)[:, :, :T, :G]  # [B, K, T, G, H]
     return o.transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)  # [B, T, N, H]
+
+
+def _flash_attention_mosaic(q, k_pages, v_pages, page_table, q_positions, kv_lengths, *, sliding_window,
+                            pages_per_block, num_stages, interpret):
+    """The Mosaic GPU body (`flash_attention_mgpu`) behind `flash_attention`'s contract."""
+    B, T, N, H = q.shape
+    K, P, page_size, _ = k_pages.shape
+    pages_per_seq = page_table.shape[1]
+    G = N // K
+    G_pad = pl.next_power_of_2(G)  # a power of two divides the 64-row tile: no row straddles two programs
+    pages_per_block, num_stages = mosaic_common.ring_blocks(
+        page_size, pages_per_block, num_stages, default_keys=_MOSAIC_BLOCK_KEYS, default_stages=_MOSAIC_STAGES,
+        smem_bytes=functools.partial(flash_attention_mgpu.shared_memory_bytes, q.dtype, H))
+
+    rows_per_tile = mosaic_common.ROWS
+    T_pad = pl.cdiv(T * G_pad, rows_per_tile) * rows_per_tile // G_pad
+    qg = q.reshape(B, T, K, G, H)  # [B, T, K, G, H]
+    qg = jnp.pad(qg, ((0, 0), (0, T_pad - T), (0, 0), (0, G_pad - G), (0, 0)))  # [B, T_pad, K, G_pad, H]
+    qg = qg.transpose(0, 2, 1, 3, 4).reshape(B, K, T_pad * G_pad, H)  # row = t * G_pad + g
+    positions = jnp.pad(q_positions.astype(jnp.int32), ((0, 0), (0, T_pad - T)), constant_values=-1)
+    positions = jnp.repeat(positions, G_pad, axis=1)  # [B, T_pad * G_pad]
+    num_blocks = pl.cdiv(pages_per_seq, pages_per_block)
+    table = jnp.clip(page_table.astype(jnp.int32), 0, P - 1)  # entries past a sequence: in bounds, masked
+    table = jnp.pad(table, ((0, 0), (0, num_blocks * pages_per_block - pages_per_seq)))
+    kv_lengths = jnp.clip(kv_lengths.astype(jnp.int32), 0, pages_per_seq * page_size)
+    o = flash_attention_mgpu.flash_attention_rows(
+        qg, positions, k_pages, v_pages, table, kv_lengths, sliding_window=sliding_window,
+        pages_per_block=pages_per_block, num_stages=num_stages, interpret=interpret)  # [B, K, T_pad * G_pad, H]
+    o = o.reshape(B, K, T_pad, G_pad, H)[:, :, :T, :G]  # [B, K, T, G, H]
+    return o.transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
 
 
 def flash_attention_reference(q, k_pages, v_pages, page_table, q_positions, kv_lengths, *, sliding_window=None):

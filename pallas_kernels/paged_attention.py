@@ -38,7 +38,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxinfer.attention import attention_reference
-from pallas_kernels import paged_attention_mgpu
+from pallas_kernels import mosaic_common, paged_attention_mgpu
 
 _MASKED = -1e30  # finite: exp2(_MASKED - m) is exactly 0 and m never becomes -inf, so no inf - inf = NaN
 _LOG2E = math.log2(math.e)
@@ -189,32 +189,10 @@ def _validate(q, k_pages, v_pages, page_table, kv_lengths, q_positions, sliding_
         _check_int("sliding_window", sliding_window)
 
 
-IMPLEMENTATIONS = ("mosaic", "triton")
 # Mosaic GPU body: keys per inner step and ring slots. GUESSES until measured on the H100: 64 keys a step
 # keeps K, V, q and p of a step in 88 KB of shared memory at head_dim 128 with two slots in flight.
 _MOSAIC_BLOCK_KEYS = 64
 _MOSAIC_STAGES = 2
-
-
-def _mosaic_interpreter_available() -> bool:
-    """Mosaic GPU's interpreter runs this body from jax 0.11 on (0.10's lacks `layout_cast`)."""
-    return tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 11)
-
-
-def _pick_implementation(implementation, interpret, q, head_dim, page_size, group) -> str:
-    reason = paged_attention_mgpu.unsupported_reason(q.dtype, head_dim, page_size, group)
-    if implementation is None:
-        on_gpu = not interpret and jax.default_backend() == "gpu"
-        return "mosaic" if on_gpu and reason is None else "triton"
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation={implementation!r} must be one of {IMPLEMENTATIONS} or None")
-    if implementation == "mosaic":
-        if reason is not None:
-            raise ValueError(f"implementation='mosaic' cannot take these inputs: {reason}")
-        if interpret and not _mosaic_interpreter_available():
-            raise ValueError(f"implementation='mosaic' with interpret=True needs jax >= 0.11 "
-                             f"(Mosaic GPU's interpreter); this is jax {jax.__version__}")
-    return implementation
 
 
 @functools.partial(
@@ -253,7 +231,7 @@ def paged_attention(
     K, P, page_size, _ = k_pages.shape
     pages_per_seq = page_table.shape[1]
     G = N // K
-    implementation = _pick_implementation(implementation, interpret, q, H, page_size, G)
+    implementation = mosaic_common.pick_implementation(implementation, interpret, q.dtype, H, page_size, G)
     if implementation == "mosaic":
         return _paged_attention_mosaic(q, k_pages, v_pages, page_table, kv_lengths, q_positions,
                                        sliding_window=sliding_window, pages_per_block=pages_per_block,
@@ -358,18 +336,9 @@ def _paged_attention_mosaic(q, k_pages, v_pages, page_table, kv_lengths, q_posit
     K, P, page_size, _ = k_pages.shape
     pages_per_seq = page_table.shape[1]
     G = N // K
-    if pages_per_block is None:  # the fewest pages that fill whole 64-key wgmma tiles
-        pages_per_block = math.lcm(page_size, _MOSAIC_BLOCK_KEYS) // page_size
-    num_stages = _MOSAIC_STAGES if num_stages is None else num_stages
-    _check_int("pages_per_block", pages_per_block)
-    _check_int("num_stages", num_stages)
-    if (pages_per_block * page_size) % 64:
-        raise ValueError(f"pages_per_block={pages_per_block} x page_size={page_size} must be a multiple of 64 "
-                         f"keys for implementation='mosaic' (a wgmma tile)")
-    smem = paged_attention_mgpu.shared_memory_bytes(q.dtype, H, pages_per_block * page_size, num_stages)
-    if smem > paged_attention_mgpu.SMEM_BYTES:
-        raise ValueError(f"pages_per_block={pages_per_block}, num_stages={num_stages} need {smem // 1024} KiB of "
-                         f"shared memory, more than the {paged_attention_mgpu.SMEM_BYTES // 1024} KiB of a Hopper SM")
+    pages_per_block, num_stages = mosaic_common.ring_blocks(
+        page_size, pages_per_block, num_stages, default_keys=_MOSAIC_BLOCK_KEYS, default_stages=_MOSAIC_STAGES,
+        smem_bytes=functools.partial(paged_attention_mgpu.shared_memory_bytes, q.dtype, H))
     num_splits, blocks_per_split, page_table = _plan_splits(page_table, P, B * K, pages_per_block, num_splits)
     if q_positions is None:
         q_positions = kv_lengths - 1

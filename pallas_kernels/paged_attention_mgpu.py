@@ -17,7 +17,7 @@ One program (one warpgroup, 128 threads) per (sequence b, kv head k, split s), a
 - Each program writes its unnormalised partial (o [Gp, H], m, l) in float32; the wrapper merges the splits
   by log-sum-exp, exactly as for the generic body.
 
-Constraints (checked in `check_supported`): 16-bit q/k/v (bf16, f16), head_dim a multiple of 64,
+Constraints (`mosaic_common.unsupported_reason`): 16-bit q/k/v (bf16, f16), head_dim a multiple of 64,
 page_size a multiple of 8, G = N // K <= 64. Other inputs take the generic (Triton) body.
 
 Seen to run: jax 0.10.2 and 0.11.2 lower it for CUDA on the CPU (`lowering_platforms=("cuda",)`, tested);
@@ -36,31 +36,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-_ROWS = 64  # one wgmma tile of query rows
+from pallas_kernels.mosaic_common import ROWS, interpret_params, smem_transforms
+
 _MASKED = -1e30  # finite: exp2(_MASKED - m) is exactly 0 and m never becomes -inf
-_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-_SWIZZLE_BYTES = 128
-SMEM_BYTES = 227 * 1024  # shared memory one block may take on an H100
-
-
-def unsupported_reason(q_dtype, head_dim: int, page_size: int, group: int) -> str | None:
-    """Why this body cannot take these inputs, or None when it can."""
-    if jnp.dtype(q_dtype) not in _DTYPES:
-        return f"dtype {jnp.dtype(q_dtype).name} is not 16-bit (bfloat16, float16)"
-    if head_dim % 64:
-        return f"head_dim={head_dim} is not a multiple of 64"
-    if page_size % 8:
-        return f"page_size={page_size} is not a multiple of 8"
-    if group > _ROWS:
-        return f"num_heads // num_kv_heads = {group} exceeds {_ROWS}"
-    return None
 
 
 def shared_memory_bytes(q_dtype, head_dim: int, block_k: int, num_stages: int) -> int:
     """Shared memory of one program: the larger of the loop's scope (q, the K/V ring, p) and the write-back's."""
     item = jnp.dtype(q_dtype).itemsize
-    loop = (_ROWS * head_dim + 2 * num_stages * block_k * head_dim + _ROWS * block_k) * item
-    write_back = (_ROWS * head_dim + 2 * _ROWS) * 4
+    loop = (ROWS * head_dim + 2 * num_stages * block_k * head_dim + ROWS * block_k) * item
+    write_back = (ROWS * head_dim + 2 * ROWS) * 4
     return max(loop, write_back)
 
 
@@ -128,9 +113,9 @@ def _paged_attention_body(
             def qk(acc_ref):
                 plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
                 return acc_ref[...]
-            s = pl.run_scoped(qk, plgpu.ACC((_ROWS, block_k), jnp.float32))  # [64, block_k]
+            s = pl.run_scoped(qk, plgpu.ACC((ROWS, block_k), jnp.float32))  # [64, block_k]
 
-            key = block_start + plgpu.broadcasted_iota(jnp.int32, (_ROWS, block_k), 1, layout=plgpu.Layout.WGMMA)
+            key = block_start + plgpu.broadcasted_iota(jnp.int32, (ROWS, block_k), 1, layout=plgpu.Layout.WGMMA)
             s = jnp.where((key >= lo) & (key < hi), s * scale_log2, _MASKED)
             m_next = jnp.maximum(m_i, s.max(axis=1))  # [64]
             alpha = jnp.exp2(m_i - m_next)  # [64]
@@ -152,7 +137,7 @@ def _paged_attention_body(
             def pv(acc_ref):
                 plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
                 return acc_ref[...]
-            pv_block = pl.run_scoped(pv, plgpu.ACC((_ROWS, head_dim), jnp.float32))  # [64, H]
+            pv_block = pl.run_scoped(pv, plgpu.ACC((ROWS, head_dim), jnp.float32))  # [64, H]
             o = lax.broadcast_in_dim(alpha, o.shape, [0]) * o + pv_block
 
             # Both wgmmas reading the slot were awaited (their accumulators were read): refill it.
@@ -161,9 +146,9 @@ def _paged_attention_body(
                 fetch(block + num_stages, slot, k_smem, v_smem, k_ready, v_ready)
             return o, m_next, l_next
 
-        o = plgpu.layout_cast(jnp.zeros((_ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
-        m_i = plgpu.layout_cast(jnp.full((_ROWS,), _MASKED, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        l_i = plgpu.layout_cast(jnp.zeros((_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        o = plgpu.layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+        m_i = plgpu.layout_cast(jnp.full((ROWS,), _MASKED, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        l_i = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         return lax.fori_loop(0, num_iters, step, (o, m_i, l_i))
 
     def write_back(o, m_i, l_i, o_smem, stats_smem):
@@ -177,22 +162,21 @@ def _paged_attention_body(
         plgpu.wait_smem_to_gmem(0)
 
     # Two scopes one after the other, so the float32 output tile reuses the K/V ring's shared memory.
-    swizzle_elems = _SWIZZLE_BYTES // jnp.dtype(dtype).itemsize
-    transforms = (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(_SWIZZLE_BYTES))
+    transforms = smem_transforms(dtype)
     o, m_i, l_i = pl.run_scoped(
         attend,
-        plgpu.SMEM((_ROWS, head_dim), dtype, transforms=transforms),  # q_smem
+        plgpu.SMEM((ROWS, head_dim), dtype, transforms=transforms),  # q_smem
         plgpu.SMEM((num_stages, block_k, head_dim), dtype, transforms=transforms),  # k_smem
         plgpu.SMEM((num_stages, block_k, head_dim), dtype, transforms=transforms),  # v_smem
-        plgpu.SMEM((_ROWS, block_k), dtype, transforms=transforms),  # p_smem
+        plgpu.SMEM((ROWS, block_k), dtype, transforms=transforms),  # p_smem
         plgpu.Barrier(num_arrivals=1),  # q_ready
         plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=num_stages),  # k_ready
         plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=num_stages),  # v_ready
     )
     pl.run_scoped(
         functools.partial(write_back, o, m_i, l_i),
-        plgpu.SMEM((_ROWS, head_dim), jnp.float32),  # o_smem
-        plgpu.SMEM((2, _ROWS), jnp.float32),  # stats_smem: m, l
+        plgpu.SMEM((ROWS, head_dim), jnp.float32),  # o_smem
+        plgpu.SMEM((2, ROWS), jnp.float32),  # stats_smem: m, l
     )
 
 
@@ -213,7 +197,7 @@ def paged_attention_partials(
     """Per-split partials (o [S, B, K, Gp, H], m [S, B, K, Gp], l [S, B, K, Gp]) float32, log2 units."""
     B, K, G, H = q.shape
     rows_out = output_rows(G)
-    q = jnp.pad(q, ((0, 0), (0, 0), (0, _ROWS - G), (0, 0)))  # [B, K, 64, H]
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, ROWS - G), (0, 0)))  # [B, K, 64, H]
     body = functools.partial(
         _paged_attention_body,
         scale_log2=H**-0.5 * math.log2(math.e),
@@ -221,20 +205,16 @@ def paged_attention_partials(
         blocks_per_split=blocks_per_split,
         num_stages=num_stages,
     )
-    kwargs = {}
-    if interpret:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-        kwargs["interpret"] = InterpretGPUParams()
     o, m, l = plgpu.kernel(
         body,
         out_type=(
             jax.ShapeDtypeStruct((num_splits, B, K, rows_out, H), jnp.float32),
-            jax.ShapeDtypeStruct((num_splits, B, K, _ROWS), jnp.float32),
-            jax.ShapeDtypeStruct((num_splits, B, K, _ROWS), jnp.float32),
+            jax.ShapeDtypeStruct((num_splits, B, K, ROWS), jnp.float32),
+            jax.ShapeDtypeStruct((num_splits, B, K, ROWS), jnp.float32),
         ),
         grid=(num_splits, K, B),
         grid_names=("s", "k", "b"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        **kwargs,
+        **interpret_params(interpret),
     )(q, k_pages, v_pages, page_table, lo, hi)
     return o, m[..., :rows_out], l[..., :rows_out]

@@ -206,15 +206,16 @@ def _on_gpu() -> bool:
 def _ours(p: Problem, interpret: bool):
     if p.shape.op == "prefill":
         args = (p.q, p.k_pages, p.v_pages, p.page_table, p.q_positions, p.kv_lengths)
-        return Run(lambda: flash_attention(*args, interpret=interpret))
+        return Run(lambda: flash_attention(*args, interpret=interpret))  # on a GPU: the Mosaic body where it applies
     args = (p.q, p.k_pages, p.v_pages, p.page_table, p.kv_lengths, p.q_positions)
-    return Run(lambda: paged_attention(*args, interpret=interpret))  # on a GPU: the Mosaic body where it applies
+    return Run(lambda: paged_attention(*args, interpret=interpret))
 
 
 def _ours_triton(p: Problem, interpret: bool):
-    """Decode through our generic (Triton) body, next to the default pick above."""
+    """Our generic (Triton) body, next to the default pick above (the Mosaic GPU body on a GPU)."""
     if p.shape.op == "prefill":
-        raise Skipped("prefill has one body (generic / Triton): 'ours' above")
+        args = (p.q, p.k_pages, p.v_pages, p.page_table, p.q_positions, p.kv_lengths)
+        return Run(lambda: flash_attention(*args, implementation="triton", interpret=interpret))
     args = (p.q, p.k_pages, p.v_pages, p.page_table, p.kv_lengths, p.q_positions)
     return Run(lambda: paged_attention(*args, implementation="triton", interpret=interpret))
 

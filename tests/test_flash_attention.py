@@ -1,5 +1,8 @@
 """pallas_kernels.flash_attention against the jnp reference: interpret mode on the CPU, compiled on a GPU.
 
+Both bodies: the generic one ("triton") in the HLO interpreter on any jax, the Mosaic GPU one ("mosaic")
+in Mosaic GPU's interpreter on jax >= 0.11 (CI's jax 0.11.2 stage); both are lowered for CUDA on the CPU.
+
 Adversarial data throughout: randomly permuted page tables whose tail entries point anywhere, ragged lengths
 (1, page-1, page, page+1, max), NaN in every cache slot no sequence has written, padded (-1) query rows.
 """
@@ -14,6 +17,7 @@ import pytest
 from conftest import lower_for_h100
 from jaxinfer.attention import attention_reference
 from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
+from pallas_kernels.mosaic_common import interpreter_available
 
 TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3}
 
@@ -195,3 +199,73 @@ def test_compiled_on_gpu(dtype, head_dim, group, num_kv_heads, page_size, window
                      page_size=page_size, chunks=ragged_prompts(page_size) + [(70, 9, 200)])
     check(args, sliding_window=window, interpret=False)  # default (tuned) blocks: the ones production uses
     check(args, sliding_window=window, interpret=False, **blocks)
+
+
+# --------------------------------------------------------------------------------------- the Mosaic GPU body
+
+needs_mosaic_interpreter = pytest.mark.skipif(
+    not interpreter_available(), reason="Mosaic GPU's interpreter runs this body from jax 0.11 on")
+# 16-bit only; G 3 (padded to 4), 8 and 1; page 16 and 64; window on and off; two ring sizes.
+MOSAIC_SWEEP = [
+    ("bfloat16", 64, 4, 2, 16, None, {}),
+    ("bfloat16", 64, 3, 1, 16, 7, {"pages_per_block": 8, "num_stages": 3}),
+    ("bfloat16", 128, 8, 1, 64, 40, {}),
+    ("bfloat16", 128, 1, 2, 16, 16, {}),
+    ("float16", 64, 1, 1, 64, None, {"pages_per_block": 2}),
+]
+
+
+@needs_mosaic_interpreter
+@pytest.mark.parametrize("dtype,head_dim,group,num_kv_heads,page_size,window,blocks", MOSAIC_SWEEP)
+def test_mosaic_prefill_matches_reference(dtype, head_dim, group, num_kv_heads, page_size, window, blocks):
+    # 2 * page + 3 = 35 (page 16) query positions x G rows: several 64-row programs per sequence.
+    args = make_case(0, dtype=dtype, head_dim=head_dim, num_kv_heads=num_kv_heads, group=group,
+                     page_size=page_size, chunks=ragged_prompts(page_size))
+    check(args, sliding_window=window, implementation="mosaic", **blocks)
+
+
+@needs_mosaic_interpreter
+@pytest.mark.parametrize("window", [None, 11])
+def test_mosaic_chunk_with_cached_prefix_and_padding(window):
+    """Chunks past a cached prefix, kv_length short of a chunk, an empty row, -1 rows between real ones."""
+    chunks = [(5, 9), (15, 1), (32, 17), (3, 4, 40), (2, 20, 12), (0, 0, 0)]
+    q, k_pages, v_pages, page_table, q_positions, kv_lengths = make_case(
+        1, dtype="bfloat16", head_dim=64, num_kv_heads=2, group=4, page_size=16, chunks=chunks)
+    q_positions = q_positions.at[0, 3].set(-1).at[2, 0].set(-1)
+    check((q, k_pages, v_pages, page_table, q_positions, kv_lengths), sliding_window=window,
+          implementation="mosaic")
+
+
+@pytest.mark.parametrize("dtype,head_dim,group,num_kv_heads,page_size,window,blocks",
+                         [MOSAIC_SWEEP[1], MOSAIC_SWEEP[2]])
+def test_mosaic_lowers_for_cuda(dtype, head_dim, group, num_kv_heads, page_size, window, blocks):
+    """Pallas' Mosaic GPU lowering (layouts, TMA descriptors, wgmma shapes) runs on the CPU for CUDA."""
+    args = make_case(0, dtype=dtype, head_dim=head_dim, num_kv_heads=num_kv_heads, group=group,
+                     page_size=page_size, chunks=ragged_prompts(page_size))
+    fn = jax.jit(lambda *a: flash_attention(*a, sliding_window=window, implementation="mosaic", **blocks))
+    hlo = lower_for_h100(fn, *args)
+    assert "mosaic_gpu" in hlo and "triton" not in hlo
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    (dict(dtype="float32"), "float32"),
+    (dict(block_q=16), "block_q=16"),
+    (dict(pages_per_block=1), "pages_per_block=1"),
+    (dict(pages_per_block=64, num_stages=4), "shared memory"),
+    (dict(implementation="cuda"), "implementation='cuda'"),
+])
+def test_mosaic_bad_inputs_raise(kwargs, param):
+    kwargs = {"implementation": "mosaic", **kwargs}
+    dtype = kwargs.pop("dtype", "bfloat16")
+    args = make_case(0, dtype=dtype, head_dim=64, num_kv_heads=1, group=2, page_size=16, chunks=[(0, 5)])
+    with pytest.raises(ValueError, match=param.replace("(", r"\(")):
+        flash_attention(*args, **kwargs)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled Mosaic GPU needs a Hopper GPU")
+@pytest.mark.parametrize("dtype,head_dim,group,num_kv_heads,page_size,window,blocks", MOSAIC_SWEEP)
+def test_mosaic_compiled_on_gpu(dtype, head_dim, group, num_kv_heads, page_size, window, blocks):
+    args = make_case(0, dtype=dtype, head_dim=head_dim, num_kv_heads=num_kv_heads, group=group,
+                     page_size=page_size, chunks=ragged_prompts(page_size) + [(70, 9, 200)])
+    check(args, sliding_window=window, interpret=False, implementation="mosaic")
+    check(args, sliding_window=window, interpret=False, implementation="mosaic", **blocks)

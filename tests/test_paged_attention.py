@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from conftest import lower_for_h100
-from pallas_kernels.paged_attention import _mosaic_interpreter_available, paged_attention, paged_attention_reference
+from pallas_kernels.paged_attention import paged_attention, paged_attention_reference
+from pallas_kernels.mosaic_common import interpreter_available
 
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2}
 
@@ -195,7 +196,7 @@ MOSAIC_CASES = [
     for dtype, head_dim, q_per_kv, page_size, window, splits, ppb in CASES if dtype != "float32"
 ]
 needs_mosaic_interpreter = pytest.mark.skipif(
-    not _mosaic_interpreter_available(), reason="Mosaic GPU's interpreter runs this body from jax 0.11 on")
+    not interpreter_available(), reason="Mosaic GPU's interpreter runs this body from jax 0.11 on")
 
 
 @needs_mosaic_interpreter
@@ -264,7 +265,7 @@ def test_mosaic_bad_inputs_raise(name, change):
         paged_attention(**{**_GOOD, **change})
 
 
-@pytest.mark.skipif(_mosaic_interpreter_available(), reason="this jax's Mosaic GPU interpreter runs the body")
+@pytest.mark.skipif(interpreter_available(), reason="this jax's Mosaic GPU interpreter runs the body")
 def test_mosaic_interpret_on_old_jax_names_the_version():
     with pytest.raises(ValueError, match=rf"jax {jax.__version__}"):
         paged_attention(**{**_GOOD, **_BF16, "pages_per_block": 4, "implementation": "mosaic"})
