@@ -79,11 +79,8 @@ def _flash_attention_body(
     num_iters = jnp.maximum(lax.div(hi + (block_k - 1), jnp.int32(block_k)) - first_block, 0)
 
     def fetch(block, slot, k_smem, v_smem, k_ready, v_ready):
-        for j in range(pages_per_block):
-            page = table_gmem[b, block * pages_per_block + j]
-            dst = pl.ds(j * page_size, page_size)
-            plgpu.copy_gmem_to_smem(k_gmem.at[kv_head, page], k_smem.at[slot, dst], k_ready.at[slot])
-            plgpu.copy_gmem_to_smem(v_gmem.at[kv_head, page], v_smem.at[slot, dst], v_ready.at[slot])
+        page_ids = [table_gmem[b, block * pages_per_block + j] for j in range(pages_per_block)]
+        mosaic_common.copy_block_to_ring(k_gmem, v_gmem, page_ids, kv_head, slot, k_smem, v_smem, k_ready, v_ready)
 
     def scoped(qo_smem, pos_smem, k_smem, v_smem, p_smem, q_ready, k_ready, v_ready):
         plgpu.copy_gmem_to_smem(q_gmem.at[b, kv_head, rows], qo_smem, q_ready)
@@ -101,11 +98,7 @@ def _flash_attention_body(
             block_start = (first_block + i) * block_k
             slot = lax.rem(i, jnp.int32(num_stages))
             plgpu.barrier_wait(k_ready.at[slot])
-
-            def qk(acc_ref):
-                plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
-                return acc_ref[...]
-            s = pl.run_scoped(qk, plgpu.ACC((ROWS, block_k), jnp.float32))  # [64, block_k]
+            s = mosaic_common.scores(qo_smem, k_smem.at[slot])  # [64, block_k]
 
             key = block_start + plgpu.broadcasted_iota(jnp.int32, (ROWS, block_k), 1, layout=plgpu.Layout.WGMMA)
             visible = (key < kv_len) & (key <= pos)
@@ -128,11 +121,8 @@ def _flash_attention_body(
 
             plgpu.commit_smem()
 
-            def pv(acc_ref):
-                plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
-                return acc_ref[...]
-            o = lax.broadcast_in_dim(alpha, o.shape, [0]) * o + pl.run_scoped(
-                pv, plgpu.ACC((ROWS, head_dim), jnp.float32))
+            pv = mosaic_common.weighted_values(p_smem, v_smem.at[slot])  # [64, H]
+            o = lax.broadcast_in_dim(alpha, o.shape, [0]) * o + pv
 
             @pl.when(i + num_stages < num_iters)
             def _refill():

@@ -8,6 +8,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 ROWS = 64  # query rows per program: one wgmma tile, one warpgroup
@@ -101,3 +102,32 @@ def smem_transforms(dtype) -> tuple:
     """Tiling and 128-byte swizzle of a [rows, cols] shared-memory tile that TMA fills and wgmma reads."""
     swizzle_elems = _SWIZZLE_BYTES // jnp.dtype(dtype).itemsize
     return plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(_SWIZZLE_BYTES)
+
+
+def copy_block_to_ring(k_gmem, v_gmem, page_ids, kv_head, slot, k_smem, v_smem, k_ready, v_ready):
+    """TMA one block of pages of kv head `kv_head` into ring slot `slot` of k_smem / v_smem [slots, block_k, H].
+
+    page_ids: the block's page indices (scalars read from the page table). One copy per page and per tensor;
+    each slot's barrier was made with num_arrivals = len(page_ids), so it completes with the last page.
+    """
+    page_size = k_gmem.shape[2]
+    for j, page in enumerate(page_ids):
+        dst = pl.ds(j * page_size, page_size)
+        plgpu.copy_gmem_to_smem(k_gmem.at[kv_head, page], k_smem.at[slot, dst], k_ready.at[slot])
+        plgpu.copy_gmem_to_smem(v_gmem.at[kv_head, page], v_smem.at[slot, dst], v_ready.at[slot])
+
+
+def scores(q_smem, k_tile):
+    """q_smem [64, H] @ k_tile [block_k, H]^T -> [64, block_k] float32 (wgmma, awaited)."""
+    def run(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, k_tile.transpose((1, 0)))
+        return acc_ref[...]
+    return pl.run_scoped(run, plgpu.ACC((q_smem.shape[0], k_tile.shape[0]), jnp.float32))
+
+
+def weighted_values(p_smem, v_tile):
+    """p_smem [64, block_k] @ v_tile [block_k, H] -> [64, H] float32 (wgmma, awaited: the slot may be refilled)."""
+    def run(acc_ref):
+        plgpu.wgmma(acc_ref, p_smem, v_tile)
+        return acc_ref[...]
+    return pl.run_scoped(run, plgpu.ACC((p_smem.shape[0], v_tile.shape[1]), jnp.float32))

@@ -36,6 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import mosaic_common
 from pallas_kernels.mosaic_common import ROWS, interpret_params, smem_transforms
 
 _MASKED = -1e30  # finite: exp2(_MASKED - m) is exactly 0 and m never becomes -inf
@@ -87,12 +88,8 @@ def _paged_attention_body(
     num_iters = jnp.maximum(end_block - first_block, 0)
 
     def fetch(block, slot, k_smem, v_smem, k_ready, v_ready):
-        # block's pages_per_block pages of K and V into ring slot `slot`; each barrier gets one arrival a page.
-        for j in range(pages_per_block):
-            page = table_gmem[b, block * pages_per_block + j]
-            rows = pl.ds(j * page_size, page_size)
-            plgpu.copy_gmem_to_smem(k_gmem.at[kv_head, page], k_smem.at[slot, rows], k_ready.at[slot])
-            plgpu.copy_gmem_to_smem(v_gmem.at[kv_head, page], v_smem.at[slot, rows], v_ready.at[slot])
+        page_ids = [table_gmem[b, block * pages_per_block + j] for j in range(pages_per_block)]
+        mosaic_common.copy_block_to_ring(k_gmem, v_gmem, page_ids, kv_head, slot, k_smem, v_smem, k_ready, v_ready)
 
     def attend(q_smem, k_smem, v_smem, p_smem, q_ready, k_ready, v_ready):
         """The loop over this program's blocks -> (o [64, H], m [64], l [64]) float32 in registers."""
@@ -109,11 +106,7 @@ def _paged_attention_body(
             block_start = block * block_k
             slot = lax.rem(i, jnp.int32(num_stages))
             plgpu.barrier_wait(k_ready.at[slot])
-
-            def qk(acc_ref):
-                plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-                return acc_ref[...]
-            s = pl.run_scoped(qk, plgpu.ACC((ROWS, block_k), jnp.float32))  # [64, block_k]
+            s = mosaic_common.scores(q_smem, k_smem.at[slot])  # [64, block_k]
 
             key = block_start + plgpu.broadcasted_iota(jnp.int32, (ROWS, block_k), 1, layout=plgpu.Layout.WGMMA)
             s = jnp.where((key >= lo) & (key < hi), s * scale_log2, _MASKED)
@@ -134,11 +127,8 @@ def _paged_attention_body(
 
             plgpu.commit_smem()  # p (and zeroed V rows) visible to the wgmma
 
-            def pv(acc_ref):
-                plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
-                return acc_ref[...]
-            pv_block = pl.run_scoped(pv, plgpu.ACC((ROWS, head_dim), jnp.float32))  # [64, H]
-            o = lax.broadcast_in_dim(alpha, o.shape, [0]) * o + pv_block
+            pv = mosaic_common.weighted_values(p_smem, v_smem.at[slot])  # [64, H]
+            o = lax.broadcast_in_dim(alpha, o.shape, [0]) * o + pv
 
             # Both wgmmas reading the slot were awaited (their accumulators were read): refill it.
             @pl.when(i + num_stages < num_iters)
