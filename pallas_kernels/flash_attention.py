@@ -206,12 +206,6 @@ def default_blocks(dtype, head_dim: int, page_size: int) -> FlashBlocks:
     return TUNED.get((jnp.dtype(dtype).name, head_dim, page_size), _FALLBACK)
 
 
-# Mosaic GPU body: keys per kv step and ring slots. GUESSES until measured on the H100 (88 KB of shared
-# memory at head_dim 128: two programs per SM).
-_MOSAIC_BLOCK_KEYS = 64
-_MOSAIC_STAGES = 2
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("sliding_window", "block_q", "pages_per_block", "num_stages", "implementation", "interpret"),
@@ -264,15 +258,10 @@ def flash_attention(
         if not (isinstance(value, int) and _is_power_of_2(value)):
             raise ValueError(f"{name}={value!r} must be a positive power of 2")
 
-    T_pad = pl.cdiv(T, block_q) * block_q
     R = block_q * G_pad  # q rows per program
     pages_per_seq_pad = pl.cdiv(pages_per_seq, pages_per_block) * pages_per_block
 
-    qg = q.reshape(B, T, K, G, H)  # [B, T, K, G, H]
-    qg = jnp.pad(qg, ((0, 0), (0, T_pad - T), (0, 0), (0, G_pad - G), (0, 0)))  # [B, T_pad, K, G_pad, H]
-    qg = qg.transpose(0, 2, 1, 3, 4).reshape(B, K, T_pad * G_pad, H)  # [B, K, T_pad * G_pad, H], row = t * G_pad + g
-    positions = jnp.pad(q_positions.astype(jnp.int32), ((0, 0), (0, T_pad - T)), constant_values=-1)  # [B, T_pad]
-    positions = jnp.repeat(positions, G_pad, axis=1)  # [B, T_pad * G_pad]
+    qg, positions = _rows_by_kv_head(q, q_positions, K, G_pad, block_q)  # [B, K, T_pad * G_pad, H], [B, T_pad * G_pad]
     table = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, pages_per_seq_pad - pages_per_seq)))  # [B, pps_pad]
 
     kernel = functools.partial(
@@ -290,7 +279,7 @@ def flash_attention(
     P = k_pages.shape[1]
     o = pl.pallas_call(
         kernel,
-        grid=(B, T_pad // block_q, K),
+        grid=(B, qg.shape[2] // R, K),
         in_specs=[
             pl.BlockSpec((1,), lambda b, i, h: (b,)),  # kv_lengths
             pl.BlockSpec((None, R), lambda b, i, h: (b, i)),  # positions
@@ -300,13 +289,36 @@ def flash_attention(
             pl.BlockSpec((None, P, page_size, H), lambda b, i, h: (h, 0, 0, 0)),  # v_pages
         ],
         out_specs=pl.BlockSpec((None, None, R, H), lambda b, i, h: (b, h, i, 0)),
-        out_shape=jax.ShapeDtypeStruct((B, K, T_pad * G_pad, H), q.dtype),
+        out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
         compiler_params=compiler_params,
         interpret=interpret,
         name="flash_attention",
     )(kv_lengths.astype(jnp.int32), positions, table, qg, k_pages, v_pages)
-    o = o.reshape(B, K, T_pad, G_pad, H)[:, :, :T, :G]  # [B, K, T, G, H]
-    return o.transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)  # [B, T, N, H]
+    return _heads_from_rows(o, T, G)  # [B, T, N, H]
+
+
+def _rows_by_kv_head(q, q_positions, num_kv_heads: int, G_pad: int, block_q: int):
+    """q [B, T, N, H] -> (rows [B, K, T_pad * G_pad, H], row positions [B, T_pad * G_pad] int32).
+
+    Row t * G_pad + g is query position t of head g of kv head k: a program's block of block_q positions is
+    block_q * G_pad consecutive rows. T is padded to whole blocks (positions -1) and G to G_pad (zero heads).
+    """
+    B, T, N, H = q.shape
+    G = N // num_kv_heads
+    T_pad = pl.cdiv(T, block_q) * block_q
+    qg = q.reshape(B, T, num_kv_heads, G, H)  # [B, T, K, G, H]
+    qg = jnp.pad(qg, ((0, 0), (0, T_pad - T), (0, 0), (0, G_pad - G), (0, 0)))  # [B, T_pad, K, G_pad, H]
+    qg = qg.transpose(0, 2, 1, 3, 4).reshape(B, num_kv_heads, T_pad * G_pad, H)  # [B, K, T_pad * G_pad, H]
+    positions = jnp.pad(q_positions.astype(jnp.int32), ((0, 0), (0, T_pad - T)), constant_values=-1)  # [B, T_pad]
+    return qg, jnp.repeat(positions, G_pad, axis=1)  # [B, T_pad * G_pad]
+
+
+def _heads_from_rows(o, T: int, G: int):
+    """The inverse of `_rows_by_kv_head` on the output: [B, K, T_pad * G_pad, H] -> [B, T, K * G, H]."""
+    B, K, R, H = o.shape
+    G_pad = pl.next_power_of_2(G)
+    o = o.reshape(B, K, R // G_pad, G_pad, H)[:, :, :T, :G]  # [B, K, T, G, H]
+    return o.transpose(0, 2, 1, 3, 4).reshape(B, T, K * G, H)
 
 
 def _flash_attention_mosaic(q, k_pages, v_pages, page_table, q_positions, kv_lengths, *, sliding_window,
@@ -318,16 +330,10 @@ def _flash_attention_mosaic(q, k_pages, v_pages, page_table, q_positions, kv_len
     G = N // K
     G_pad = pl.next_power_of_2(G)  # a power of two divides the 64-row tile: no row straddles two programs
     pages_per_block, num_stages = mosaic_common.ring_blocks(
-        page_size, pages_per_block, num_stages, default_keys=_MOSAIC_BLOCK_KEYS, default_stages=_MOSAIC_STAGES,
+        page_size, pages_per_block, num_stages,
         smem_bytes=functools.partial(flash_attention_mgpu.shared_memory_bytes, q.dtype, H))
 
-    rows_per_tile = mosaic_common.ROWS
-    T_pad = pl.cdiv(T * G_pad, rows_per_tile) * rows_per_tile // G_pad
-    qg = q.reshape(B, T, K, G, H)  # [B, T, K, G, H]
-    qg = jnp.pad(qg, ((0, 0), (0, T_pad - T), (0, 0), (0, G_pad - G), (0, 0)))  # [B, T_pad, K, G_pad, H]
-    qg = qg.transpose(0, 2, 1, 3, 4).reshape(B, K, T_pad * G_pad, H)  # row = t * G_pad + g
-    positions = jnp.pad(q_positions.astype(jnp.int32), ((0, 0), (0, T_pad - T)), constant_values=-1)
-    positions = jnp.repeat(positions, G_pad, axis=1)  # [B, T_pad * G_pad]
+    qg, positions = _rows_by_kv_head(q, q_positions, K, G_pad, mosaic_common.ROWS // G_pad)  # 64-row programs
     num_blocks = pl.cdiv(pages_per_seq, pages_per_block)
     table = jnp.clip(page_table.astype(jnp.int32), 0, P - 1)  # entries past a sequence: in bounds, masked
     table = jnp.pad(table, ((0, 0), (0, num_blocks * pages_per_block - pages_per_seq)))
@@ -335,8 +341,7 @@ def _flash_attention_mosaic(q, k_pages, v_pages, page_table, q_positions, kv_len
     o = flash_attention_mgpu.flash_attention_rows(
         qg, positions, k_pages, v_pages, table, kv_lengths, sliding_window=sliding_window,
         pages_per_block=pages_per_block, num_stages=num_stages, interpret=interpret)  # [B, K, T_pad * G_pad, H]
-    o = o.reshape(B, K, T_pad, G_pad, H)[:, :, :T, :G]  # [B, K, T, G, H]
-    return o.transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
+    return _heads_from_rows(o, T, G)
 
 
 def flash_attention_reference(q, k_pages, v_pages, page_table, q_positions, kv_lengths, *, sliding_window=None):

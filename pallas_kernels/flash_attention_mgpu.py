@@ -78,17 +78,13 @@ def _flash_attention_body(
     first_block = lax.div(lo, jnp.int32(block_k))
     num_iters = jnp.maximum(lax.div(hi + (block_k - 1), jnp.int32(block_k)) - first_block, 0)
 
-    def fetch(block, slot, k_smem, v_smem, k_ready, v_ready):
-        page_ids = [table_gmem[b, block * pages_per_block + j] for j in range(pages_per_block)]
-        mosaic_common.copy_block_to_ring(k_gmem, v_gmem, page_ids, kv_head, slot, k_smem, v_smem, k_ready, v_ready)
-
     def scoped(qo_smem, pos_smem, k_smem, v_smem, p_smem, q_ready, k_ready, v_ready):
         plgpu.copy_gmem_to_smem(q_gmem.at[b, kv_head, rows], qo_smem, q_ready)
         plgpu.copy_gmem_to_smem(pos_gmem.at[b, rows], pos_smem, q_ready)
-        for i in range(num_stages):
-            @pl.when(i < num_iters)
-            def _prefetch():
-                fetch(first_block + i, i, k_smem, v_smem, k_ready, v_ready)
+        def fetch(block, slot):
+            mosaic_common.copy_block_to_ring(k_gmem, v_gmem, table_gmem.at[b], block, kv_head, slot,
+                                             k_smem, v_smem, k_ready, v_ready)
+        mosaic_common.fill_ring(fetch, first_block, num_iters, num_stages)
         plgpu.barrier_wait(q_ready)
         pos = mosaic_common.load(pos_smem, plgpu.Layout.WGMMA.reduce(1))  # [64]
         pos = lax.broadcast_in_dim(pos, (ROWS, block_k), [0])  # [64, block_k]
@@ -126,7 +122,7 @@ def _flash_attention_body(
 
             @pl.when(i + num_stages < num_iters)
             def _refill():
-                fetch(first_block + i + num_stages, slot, k_smem, v_smem, k_ready, v_ready)
+                fetch(first_block + i + num_stages, slot)
             return o, m_next, l_next
 
         o = plgpu.layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)

@@ -14,6 +14,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 ROWS = 64  # query rows per program: one wgmma tile, one warpgroup
 SMEM_BYTES = 227 * 1024  # shared memory one block may take on an H100
 IMPLEMENTATIONS = ("mosaic", "triton")
+# Keys per ring step and ring slots, for both bodies. GUESSES until measured on the H100: 64 keys a step keeps
+# q, K, V and p in 88 KB of shared memory at head_dim 128 with two slots, so two programs fit one SM.
+DEFAULT_BLOCK_KEYS = 64
+DEFAULT_STAGES = 2
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _SWIZZLE_BYTES = 128
 
@@ -74,16 +78,17 @@ def pick_implementation(implementation: str | None, interpret: bool, q_dtype, he
     return implementation
 
 
-def ring_blocks(page_size: int, pages_per_block: int | None, num_stages: int | None, *, default_keys: int,
-                default_stages: int, smem_bytes) -> tuple[int, int]:
+def ring_blocks(page_size: int, pages_per_block: int | None, num_stages: int | None, *,
+                smem_bytes) -> tuple[int, int]:
     """(pages_per_block, num_stages) of a TMA ring, defaults filled in and checked.
 
-    A block is whole wgmma tiles (a multiple of 64 keys): by default the fewest pages reaching default_keys.
-    smem_bytes(block_k, num_stages) -> bytes; more than an H100 SM holds is refused, naming both values.
+    A block is whole wgmma tiles (a multiple of 64 keys): by default the fewest pages reaching
+    DEFAULT_BLOCK_KEYS. smem_bytes(block_k, num_stages) -> bytes; more than an H100 SM holds is refused,
+    naming both values.
     """
     if pages_per_block is None:
-        pages_per_block = math.lcm(page_size, default_keys) // page_size
-    num_stages = default_stages if num_stages is None else num_stages
+        pages_per_block = math.lcm(page_size, DEFAULT_BLOCK_KEYS) // page_size
+    num_stages = DEFAULT_STAGES if num_stages is None else num_stages
     for name, value in (("pages_per_block", pages_per_block), ("num_stages", num_stages)):
         if not (isinstance(value, int) and value > 0):
             raise ValueError(f"{name}={value!r} must be a positive int")
@@ -104,17 +109,29 @@ def smem_transforms(dtype) -> tuple:
     return plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(_SWIZZLE_BYTES)
 
 
-def copy_block_to_ring(k_gmem, v_gmem, page_ids, kv_head, slot, k_smem, v_smem, k_ready, v_ready):
-    """TMA one block of pages of kv head `kv_head` into ring slot `slot` of k_smem / v_smem [slots, block_k, H].
+def copy_block_to_ring(k_gmem, v_gmem, table_row, block, kv_head, slot, k_smem, v_smem, k_ready, v_ready):
+    """TMA kv block `block` of one sequence, kv head `kv_head`, into ring slot `slot` of k_smem / v_smem
+    [slots, block_k, H].
 
-    page_ids: the block's page indices (scalars read from the page table). One copy per page and per tensor;
-    each slot's barrier was made with num_arrivals = len(page_ids), so it completes with the last page.
+    table_row: the sequence's page-table row in GMEM (`table_gmem.at[b]`), its page indices read as scalars.
+    One copy per page and per tensor; each slot's barrier was made with num_arrivals = pages per block, so
+    it completes with the last page.
     """
     page_size = k_gmem.shape[2]
-    for j, page in enumerate(page_ids):
+    pages_per_block = k_smem.shape[1] // page_size
+    for j in range(pages_per_block):
+        page = table_row[block * pages_per_block + j]
         dst = pl.ds(j * page_size, page_size)
         plgpu.copy_gmem_to_smem(k_gmem.at[kv_head, page], k_smem.at[slot, dst], k_ready.at[slot])
         plgpu.copy_gmem_to_smem(v_gmem.at[kv_head, page], v_smem.at[slot, dst], v_ready.at[slot])
+
+
+def fill_ring(fetch, first_block, num_iters, num_stages: int):
+    """The prologue: fetch(block, slot) for the first num_stages of the num_iters blocks from first_block."""
+    for i in range(num_stages):
+        @pl.when(i < num_iters)
+        def _prefetch():
+            fetch(first_block + i, i)
 
 
 def scores(q_smem, k_tile):

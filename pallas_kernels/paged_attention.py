@@ -189,12 +189,6 @@ def _validate(q, k_pages, v_pages, page_table, kv_lengths, q_positions, sliding_
         _check_int("sliding_window", sliding_window)
 
 
-# Mosaic GPU body: keys per inner step and ring slots. GUESSES until measured on the H100: 64 keys a step
-# keeps K, V, q and p of a step in 88 KB of shared memory at head_dim 128 with two slots in flight.
-_MOSAIC_BLOCK_KEYS = 64
-_MOSAIC_STAGES = 2
-
-
 @functools.partial(
     jax.jit, static_argnames=("sliding_window", "pages_per_block", "num_splits", "num_warps", "num_stages",
                               "implementation", "interpret"))
@@ -337,7 +331,7 @@ def _paged_attention_mosaic(q, k_pages, v_pages, page_table, kv_lengths, q_posit
     pages_per_seq = page_table.shape[1]
     G = N // K
     pages_per_block, num_stages = mosaic_common.ring_blocks(
-        page_size, pages_per_block, num_stages, default_keys=_MOSAIC_BLOCK_KEYS, default_stages=_MOSAIC_STAGES,
+        page_size, pages_per_block, num_stages,
         smem_bytes=functools.partial(paged_attention_mgpu.shared_memory_bytes, q.dtype, H))
     num_splits, blocks_per_split, page_table = _plan_splits(page_table, P, B * K, pages_per_block, num_splits)
     if q_positions is None:

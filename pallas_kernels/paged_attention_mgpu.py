@@ -10,7 +10,8 @@ One program (one warpgroup, 128 threads) per (sequence b, kv head k, split s), a
   completing one barrier with `pages_per_block` arrivals. A slot is refilled as soon as its block is done,
   so `num_stages - 1` blocks are in flight while one is computed.
 - scores [64, block_k] = q_tile @ K_block^T (wgmma, float32 accumulator), masked to the visible keys,
-  online softmax in log2 units; o [64, H] += p @ V_block (wgmma, p from registers in q's dtype).
+  online softmax in log2 units; o [64, H] += p @ V_block (wgmma, p through shared memory in q's
+  dtype: Mosaic GPU's interpreter takes a wgmma operand A only from there).
 - V rows of keys that are not visible are zeroed in SMEM before the p @ V wgmma: p is 0 there, but
   0 * NaN is NaN, and unwritten cache slots may hold anything. Only the first and last block of a range
   can hold such keys; the others skip the zeroing.
@@ -87,17 +88,13 @@ def _paged_attention_body(
     end_block = jnp.minimum((split + 1) * blocks_per_split, lax.div(hi + (block_k - 1), jnp.int32(block_k)))
     num_iters = jnp.maximum(end_block - first_block, 0)
 
-    def fetch(block, slot, k_smem, v_smem, k_ready, v_ready):
-        page_ids = [table_gmem[b, block * pages_per_block + j] for j in range(pages_per_block)]
-        mosaic_common.copy_block_to_ring(k_gmem, v_gmem, page_ids, kv_head, slot, k_smem, v_smem, k_ready, v_ready)
-
     def attend(q_smem, k_smem, v_smem, p_smem, q_ready, k_ready, v_ready):
         """The loop over this program's blocks -> (o [64, H], m [64], l [64]) float32 in registers."""
         plgpu.copy_gmem_to_smem(q_gmem.at[b, kv_head], q_smem, q_ready)
-        for i in range(num_stages):
-            @pl.when(i < num_iters)
-            def _prefetch():
-                fetch(first_block + i, i, k_smem, v_smem, k_ready, v_ready)
+        def fetch(block, slot):
+            mosaic_common.copy_block_to_ring(k_gmem, v_gmem, table_gmem.at[b], block, kv_head, slot,
+                                             k_smem, v_smem, k_ready, v_ready)
+        mosaic_common.fill_ring(fetch, first_block, num_iters, num_stages)
         plgpu.barrier_wait(q_ready)
 
         def step(i, carry):
@@ -133,7 +130,7 @@ def _paged_attention_body(
             # Both wgmmas reading the slot were awaited (their accumulators were read): refill it.
             @pl.when(i + num_stages < num_iters)
             def _refill():
-                fetch(block + num_stages, slot, k_smem, v_smem, k_ready, v_ready)
+                fetch(block + num_stages, slot)
             return o, m_next, l_next
 
         o = plgpu.layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
