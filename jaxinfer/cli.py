@@ -1,57 +1,108 @@
-"""The `jaxinfer` command: parse, call, print.
+"""The `jaxinfer` command: parse, check, call, print.
 
-    jaxinfer generate [--model M] --prompt TEXT [--chat] [--max-new-tokens N] [--temperature T] ...
+    jaxinfer generate [--model M] (--prompt TEXT | --prompt-ids IDS | --prompt-file FILE) [--chat] [--json] ...
     jaxinfer chat [--model M]
-    jaxinfer convert SRC DST [--dtype bfloat16]
+    jaxinfer convert SRC DST [--dtype bfloat16] [--overwrite]
     jaxinfer info [--model M]
     jaxinfer roofline [--model M] [--gpu h100]
 
 --model is "default" (the embedded SmolLM2-135M-Instruct), a .gguf file, a HF directory, an orbax directory
 written by `convert`, or preset:<name> for random weights of a preset in configs/.
+
+Every argument is checked before jax is imported or a weight is read; errors are one line naming the flag.
+Exit status: 0 ok, 1 runtime error (I/O, memory, device), 2 bad usage or input (a flag, a file, a prompt),
+130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import io
+import json
+import os
 import sys
 import time
+from pathlib import Path
 
 import jaxinfer
-from jaxinfer import roofline
+from jaxinfer import interrupts, prompt_spec, roofline
+from jaxinfer.chat_history import ChatHistory
+from jaxinfer.errors import ParameterError
+from jaxinfer.prompt_spec import Defaults, PromptError, PromptSpec
+from jaxinfer.sampling_params import INT32_MAX, SEED_LIMIT, SamplingParams
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class UsageError(ValueError):
+    """A bad argument, worded for the command line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"jaxinfer: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _int_in(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} must be in [{low}, {high}]")
+        return value
+
+    return parse
 
 
 def _ids(text: str) -> list[int]:
     try:
-        return [int(t) for t in text.replace(",", " ").split()]
+        ids = [int(t) for t in text.replace(",", " ").split()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} must be integers separated by spaces or commas") from None
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be one or more token ids >= 0")
+    return ids
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxinfer", description="JAX/XLA LLM inference")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(
+        prog="jaxinfer", description="JAX/XLA LLM inference",
+        epilog="exit status: 0 ok, 1 runtime error, 2 bad usage or input, 130 interrupted",
+    )
+    parser.add_argument("--version", action="version", version=f"jaxinfer {jaxinfer.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def model_args(p):
         p.add_argument("--model", default="default", help="default | FILE.gguf | HF dir | orbax dir | preset:NAME")
-        p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32 for GGUF")
-        p.add_argument("--tensor-parallel", type=int, default=1, help="split the model over this many devices")
+        p.add_argument("--dtype", choices=DTYPES, help="default: the checkpoint's (float32 for GGUF)")
+        p.add_argument("--tensor-parallel", type=_int_in(1, 4096), default=1, help="split over this many devices")
 
     def sampling_args(p):
-        p.add_argument("--max-new-tokens", type=int, default=256)
-        p.add_argument("--temperature", type=float, default=0.0)
-        p.add_argument("--top-k", type=int, default=0)
+        p.add_argument("--max-new-tokens", type=_int_in(1, INT32_MAX), default=256)
+        p.add_argument("--context", type=_int_in(2, INT32_MAX), help="cap the context below the model's (tokens)")
+        p.add_argument("--temperature", type=float, default=0.0, help="default 0: greedy, reproducible")
+        p.add_argument("--top-k", type=_int_in(0, INT32_MAX), default=0)
         p.add_argument("--top-p", type=float, default=1.0)
         p.add_argument("--min-p", type=float, default=0.0)
         p.add_argument("--repetition-penalty", type=float, default=1.0)
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=_int_in(0, SEED_LIMIT - 1), default=0)
 
-    g = sub.add_parser("generate", help="stream a completion of one prompt")
+    g = sub.add_parser("generate", help="complete one prompt (streamed) or a file of prompts")
     model_args(g)
     prompt = g.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text")
     prompt.add_argument("--prompt-ids", type=_ids, help="prompt token ids, e.g. '1,2,3'")
+    prompt.add_argument("--prompt-file", help="one prompt per line, or JSON lines (.jsonl) with per-line fields; - is stdin")
+    g.add_argument("--jsonl", action=argparse.BooleanOptionalAction, default=None,
+                   help="read --prompt-file as JSON lines (default: by its suffix, .jsonl or .ndjson)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--system", default=None, help="system message (with --chat)")
+    g.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of text")
+    g.add_argument("--batch-size", type=_int_in(1, 1024), default=8, help="prompts run together (--prompt-file)")
     sampling_args(g)
 
     c = sub.add_parser("chat", help="an interactive conversation (Ctrl-C stops a reply, Ctrl-D quits)")
@@ -62,129 +113,317 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("convert", help="convert a checkpoint to orbax (+ config and tokenizer)")
     v.add_argument("src")
     v.add_argument("dst")
-    v.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    v.add_argument("--dtype", choices=DTYPES)
+    v.add_argument("--overwrite", action="store_true", help="replace DST if it is a jaxinfer orbax checkpoint")
 
     i = sub.add_parser("info", help="architecture, parameters, bytes, KV bytes per token, context")
     model_args(i)
 
     r = sub.add_parser("roofline", help="the inference math of a model on a GPU")
     model_args(r)
-    r.add_argument("--gpu", default="h100", help=f"one of {sorted(roofline.GPUS)}")
-    r.add_argument("--batch", type=int, default=1)
-    r.add_argument("--context", type=int, default=1024)
+    r.add_argument("--gpu", default="h100", choices=sorted(roofline.GPUS))
+    r.add_argument("--batch", type=_int_in(1, INT32_MAX), default=1)
+    r.add_argument("--context", type=_int_in(0, INT32_MAX), default=1024)
     return parser
 
 
-def _sampling(args) -> jaxinfer.SamplingParams:
-    return jaxinfer.SamplingParams(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-    )
+# ---------------------------------------------------------------------------------------------
+# Checks that need no model
 
 
-def _load(args, progress: bool = True) -> jaxinfer.Model:
-    t0 = time.perf_counter()
+def _flag(param: str) -> str:
+    return "--" + param.replace("_", "-")
+
+
+def _defaults(args) -> Defaults:
+    """The flags every prompt starts from; a bad sampling flag fails here, before anything is loaded."""
+    sampling = {name: getattr(args, name) for name in prompt_spec.SAMPLING_FIELDS}
+    try:
+        SamplingParams(**sampling)
+    except ParameterError as e:
+        raise UsageError(f"{_flag(e.param)} {e.value} {e.reason}") from None
+    for name in ("prompt", "system"):
+        text = getattr(args, name, None)
+        if text is not None:
+            prompt_spec.check_text(text, _flag(name))
+    return Defaults(getattr(args, "chat", True), args.system, args.max_new_tokens, args.seed, sampling)
+
+
+def _specs(args) -> list[PromptSpec]:
+    defaults = _defaults(args)
+    if args.prompt_file is not None:
+        return prompt_spec.read_prompt_file(args.prompt_file, args.jsonl, defaults, stdin=sys.stdin)
+    if args.prompt is not None:
+        return [prompt_spec.make_spec("--prompt", {"prompt": args.prompt}, defaults)]
+    return [prompt_spec.make_spec("--prompt-ids", {"prompt_ids": args.prompt_ids}, defaults)]
+
+
+def _field(spec: PromptSpec, name: str) -> str:
+    """How to name a prompt's field: the flag for the command line's own prompt, else the file line's field."""
+    return _flag(name) if spec.where.startswith("--") else f"{spec.where}: '{name}'"
+
+
+def _open(args) -> tuple[jaxinfer.Checkpoint | None, jaxinfer.ModelConfig]:
+    """(checkpoint, its config) from the metadata alone (config.json, the GGUF header, a preset's JSON): no weight
+    is read. The checkpoint (None for a preset) keeps what it parsed for the load."""
     if args.model.startswith("preset:"):
-        model = jaxinfer.random_model(
-            args.model.removeprefix("preset:"), dtype=args.dtype, tensor_parallel=args.tensor_parallel
-        )
+        cfg = jaxinfer.ModelConfig.preset(args.model.removeprefix("preset:"))
+        return None, cfg if args.dtype is None else cfg.replace(dtype=args.dtype)
+    checkpoint = jaxinfer.open_checkpoint(args.model)
+    return checkpoint, checkpoint.config(args.dtype)
+
+
+def _context(args, cfg) -> int:
+    if args.context is None:
+        return cfg.max_position_embeddings
+    if args.context > cfg.max_position_embeddings:
+        raise UsageError(f"--context {args.context} is beyond the model's context of {cfg.max_position_embeddings}")
+    return args.context
+
+
+def _check_against_config(specs: list[PromptSpec], cfg, context: int) -> None:
+    for spec in specs:
+        if spec.max_new_tokens >= context:
+            raise UsageError(
+                f"{_field(spec, 'max_new_tokens')} {spec.max_new_tokens} leaves no room for the prompt in the "
+                f"context of {context} tokens"
+            )
+        if spec.sampling.top_k > cfg.vocab_size:
+            raise UsageError(
+                f"{_field(spec, 'top_k')} {spec.sampling.top_k} is larger than the vocabulary ({cfg.vocab_size}); "
+                "0 turns top-k off"
+            )
+        bad = [t for t in spec.ids or () if t >= cfg.vocab_size]
+        if bad:
+            raise UsageError(f"{spec.where}: token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
+
+
+def _warn_16bit_on_cpu(args) -> None:
+    import jax
+
+    if args.dtype in ("bfloat16", "float16") and jax.default_backend() == "cpu":
+        print(f"jaxinfer: warning: --dtype {args.dtype} runs slower than float32 on the CPU (XLA:CPU converts "
+              "16-bit matmuls to float32 and back); leave --dtype out for float32", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and running
+
+
+def _load(args, checkpoint, cfg, context: int) -> jaxinfer.Model:
+    _warn_16bit_on_cpu(args)
+    t0 = time.perf_counter()
+    if checkpoint is None:
+        model = jaxinfer.random_model(cfg, tensor_parallel=args.tensor_parallel)
     else:
-        model = jaxinfer.load_model(args.model, args.dtype, args.tensor_parallel, progress=progress)
+        model = checkpoint.load(args.dtype, args.tensor_parallel, progress=True)
+    if context < model.cfg.max_position_embeddings:
+        model.cfg = model.cfg.replace(max_position_embeddings=context)
     print(f"[loaded {args.model} in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
     return model
 
 
-def _config(args) -> jaxinfer.ModelConfig:
-    """The model's config; a preset needs no weights (random llama-2-7b weights would take 13 GB)."""
-    if args.model.startswith("preset:"):
-        cfg = jaxinfer.ModelConfig.preset(args.model.removeprefix("preset:"))
-        return cfg if args.dtype is None else cfg.replace(dtype=args.dtype)
-    return _load(args).cfg
-
-
-def _stream(model, prompt_ids: list[int], args) -> tuple[list[int], str | None]:
-    """Print the reply as it is produced; returns its tokens and finish reason (None if interrupted)."""
-    decoder = model.tokenizer.stream() if model.tokenizer is not None else None
-    tokens, finish = [], None
-    t0 = time.perf_counter()
-    t_first = None
-    stream = jaxinfer.generate_stream(
-        model, [prompt_ids], max_new_tokens=args.max_new_tokens, sampling=_sampling(args), seed=args.seed
-    )
-    try:
-        for chunk in stream:
-            new = chunk.new_tokens[0]
-            if new and t_first is None:
-                t_first = time.perf_counter() - t0
-            tokens += new
-            text = "".join(map(decoder.feed, new)) if decoder is not None else "".join(f"{t} " for t in new)
-            print(text, end="", flush=True)
-            finish = chunk.finish_reasons[0]
-    except KeyboardInterrupt:
-        stream.close()
-        finish = "interrupted"
-    total = time.perf_counter() - t0
-    print(decoder.flush() if decoder is not None else "", flush=True)
-    if tokens:
-        decode_s = max(total - (t_first or 0.0), 1e-9)
-        print(
-            f"[{len(tokens)} tokens, TTFT {1e3 * (t_first or total):.0f} ms, {(len(tokens) - 1) / decode_s:.1f} tok/s "
-            f"after the first, stop reason: {finish}]",
-            file=sys.stderr,
+def _prompt_ids(model, spec: PromptSpec) -> list[int]:
+    if spec.ids is not None:
+        ids = list(spec.ids)
+    elif model.tokenizer is None:
+        raise UsageError(f"{spec.where}: this model has no tokenizer; give token ids (--prompt-ids)")
+    elif spec.chat:
+        messages = ([{"role": "system", "content": spec.system}] if spec.system else [])
+        ids = model.tokenizer.encode_chat(messages + [{"role": "user", "content": spec.text}])
+    else:
+        ids = model.tokenizer.encode(spec.text)
+    context = model.cfg.max_position_embeddings
+    if len(ids) + spec.max_new_tokens > context:
+        raise UsageError(
+            f"{spec.where} is {len(ids)} tokens; with {_field(spec, 'max_new_tokens')} {spec.max_new_tokens} it "
+            f"passes the context of {context} tokens"
         )
-    return tokens, finish
+    return ids
 
 
-def _prompt_ids(model, text: str, chat: bool, system: str | None) -> list[int]:
-    if model.tokenizer is None:
-        raise ValueError("this model has no tokenizer: pass --prompt-ids")
-    if not chat:
-        return model.tokenizer.encode(text)
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-    return model.tokenizer.encode(model.tokenizer.apply_chat_template(messages), add_special_tokens=False)
+@dataclasses.dataclass
+class _Row:
+    """One prompt's completion as it streams in."""
+
+    spec: PromptSpec
+    prompt_ids: list[int]
+    decoder: object  # tokenizer.IncrementalDecoder, or None: ids printed as numbers
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    text: list[str] = dataclasses.field(default_factory=list)
+    printed: int = 0  # pieces of text already written to stdout
+    finish: str | None = None
+    t_first: float | None = None
+    t_done: float | None = None
+
+    def feed(self, new: list[int], now: float) -> None:
+        if new and self.t_first is None:
+            self.t_first = now
+        self.tokens += new
+        self.text += [self.decoder.feed(t) for t in new] if self.decoder is not None else [f"{t} " for t in new]
+
+    def end(self, finish: str, now: float) -> None:
+        self.finish, self.t_done = finish, now
+        if self.decoder is not None:
+            self.text.append(self.decoder.flush())
+
+    def summary(self, t0: float) -> dict:
+        ttft = (self.t_first or self.t_done) - t0
+        decode_s = self.t_done - (self.t_first or self.t_done)
+        rate = (len(self.tokens) - 1) / decode_s if len(self.tokens) > 1 and decode_s > 0 else None
+        out = {} if self.spec.id is None else {"id": self.spec.id}
+        return {
+            **out, "text": "".join(self.text), "token_ids": self.tokens, "finish_reason": self.finish,
+            "prompt_tokens": len(self.prompt_ids), "completion_tokens": len(self.tokens),
+            "ttft_s": round(ttft, 4), "tokens_per_s": None if rate is None else round(rate, 2),
+        }
+
+
+class _Printer:
+    """Writes completions in prompt order as they arrive: the first unfinished row streams live, later rows wait."""
+
+    def __init__(self, as_json: bool, label_rows: bool):
+        self.as_json, self.label_rows = as_json, label_rows
+
+    def show(self, rows: list[_Row], cursor: int, t0: float) -> int:
+        while cursor < len(rows):
+            row = rows[cursor]
+            if not self.as_json and row.printed < len(row.text):
+                print("".join(row.text[row.printed:]), end="", flush=True)
+                row.printed = len(row.text)
+            if row.finish is None:
+                break
+            summary = row.summary(t0)
+            if self.as_json:
+                print(json.dumps(summary, ensure_ascii=False), flush=True)
+            else:
+                print(flush=True)
+                rate = "" if summary["tokens_per_s"] is None else f", {summary['tokens_per_s']:.1f} tok/s after the first"
+                label = f"{row.spec.where}: " if self.label_rows else ""
+                print(f"[{label}{len(row.tokens)} tokens, TTFT {1e3 * summary['ttft_s']:.0f} ms{rate}, "
+                      f"stop reason: {row.finish}]", file=sys.stderr)
+            cursor += 1
+        return cursor
+
+
+def _run(model, specs: list[PromptSpec], prompts: list[list[int]], printer: _Printer, watch) -> tuple[list[_Row], bool]:
+    """Generate for one batch, printing as it goes; -> (rows, interrupted). Ctrl-C (caught here, see
+    jaxinfer.interrupts) ends the unfinished rows as "interrupted", printed like the others."""
+    rows = [_Row(s, p, model.tokenizer.stream() if model.tokenizer is not None else None) for s, p in zip(specs, prompts)]
+    t0 = time.perf_counter()
+    cursor = 0
+    stream = jaxinfer.generate_stream(
+        model, prompts, max_new_tokens=[s.max_new_tokens for s in specs], sampling=[s.sampling for s in specs],
+        seed=[s.seed for s in specs],
+    )
+    with watch.catchable():
+        try:
+            for chunk in stream:
+                now = time.perf_counter()
+                for row, new, finish in zip(rows, chunk.new_tokens, chunk.finish_reasons):
+                    if row.finish is None:
+                        row.feed(new, now)
+                        if finish is not None:
+                            row.end(finish, now)
+                cursor = printer.show(rows, cursor, t0)
+        except KeyboardInterrupt:
+            stream.close()
+            now = time.perf_counter()
+            for row in rows:
+                if row.finish is None:
+                    row.end("interrupted", now)
+            printer.show(rows, cursor, t0)
+            return rows, True
+    return rows, False
 
 
 def cmd_generate(args) -> int:
-    model = _load(args)
-    ids = args.prompt_ids if args.prompt is None else _prompt_ids(model, args.prompt, args.chat, args.system)
-    _stream(model, ids, args)
-    return 0
+    specs = _specs(args)
+    checkpoint, cfg = _open(args)
+    context = _context(args, cfg)
+    _check_against_config(specs, cfg, context)
+    model = _load(args, checkpoint, cfg, context)
+    prompts = [_prompt_ids(model, spec) for spec in specs]
+    printer = _Printer(args.json, label_rows=len(specs) > 1)
+    for start in range(0, len(specs), args.batch_size):
+        batch = slice(start, start + args.batch_size)
+        _, interrupted = _run(model, specs[batch], prompts[batch], printer, args.interrupts)
+        if interrupted:
+            raise KeyboardInterrupt
+    return EXIT_OK
+
+
+def _read_line(prompt: str) -> str | None:
+    """A line from stdin (None at its end); undecodable bytes arrive as surrogates (see _utf8_stdin)."""
+    try:
+        return input(prompt)
+    except EOFError:
+        print(file=sys.stderr)
+        return None
+
+
+def _utf8_stdin() -> None:
+    """Read stdin with surrogateescape, so a line of bad bytes is reported and skipped, not a crash that loses the
+    lines after it."""
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(errors="surrogateescape")
 
 
 def cmd_chat(args) -> int:
-    model = _load(args)
+    defaults = _defaults(args)
+    checkpoint, cfg = _open(args)
+    context = _context(args, cfg)
+    # The flags' own spec, for the checks of --max-new-tokens and --top-k against the model.
+    _check_against_config([prompt_spec.make_spec("--prompt", {"prompt": "-"}, defaults)], cfg, context)
+    model = _load(args, checkpoint, cfg, context)
     if model.tokenizer is None or model.tokenizer.chat_template is None:
-        raise ValueError(f"model {args.model!r} has no chat template")
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("[chat: Ctrl-C stops a reply, Ctrl-D or /exit quits]", file=sys.stderr)
+        raise UsageError(f"--model {args.model} has no chat template")
+    history = ChatHistory(args.system)
+    _utf8_stdin()
+    print("[chat: Ctrl-C stops a reply, /reset forgets the history, Ctrl-D or /exit quits]", file=sys.stderr)
     while True:
-        try:
-            user = input("> ")
-        except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)
-            return 0
-        if user.strip() == "/exit":
-            return 0
-        if not user.strip():
+        line = _read_line("> ")
+        if line is None or line.strip() in ("/exit", "/quit"):
+            return EXIT_OK
+        if line.strip() == "/reset":
+            history.reset()
+            print("[history cleared]", file=sys.stderr)
             continue
-        messages.append({"role": "user", "content": user})
-        text = model.tokenizer.apply_chat_template(messages)
-        ids = model.tokenizer.encode(text, add_special_tokens=False)
-        tokens, _ = _stream(model, ids, args)
-        messages.append({"role": "assistant", "content": model.tokenizer.decode(tokens)})
+        if not line.strip():
+            continue
+        try:
+            _chat_turn(model, history, line, defaults, context, args.interrupts)
+        except (ValueError, RuntimeError, MemoryError) as e:  # this turn failed; the conversation goes on
+            _report(e)
+
+
+def _chat_turn(model, history: ChatHistory, line: str, defaults: Defaults, context: int, watch) -> None:
+    prompt_spec.check_text(line, "this line")
+    fitted = history.fit(line, model.tokenizer.encode_chat, context, defaults.max_new_tokens)
+    if fitted.turns_dropped:
+        print(f"[dropped the {fitted.turns_dropped} oldest turn(s) to stay within the context of {context} tokens]",
+              file=sys.stderr)
+    if fitted.reply_tokens < defaults.max_new_tokens:
+        print(f"[the context leaves room for a reply of {fitted.reply_tokens} tokens]", file=sys.stderr)
+    spec = prompt_spec.make_spec("this turn", {"prompt": line, "max_new_tokens": fitted.reply_tokens}, defaults)
+    (row,), _ = _run(model, [spec], [fitted.ids], _Printer(as_json=False, label_rows=False), watch)
+    history.add_turn(line, "".join(row.text))  # a reply stopped by Ctrl-C stays, as far as it went
 
 
 def cmd_convert(args) -> int:
     from jaxinfer.convert import convert
 
+    if Path(args.dst).exists() and not args.overwrite:
+        raise UsageError(f"DST {args.dst} already exists; pass --overwrite to replace it")
     t0 = time.perf_counter()
-    dst = convert(args.src, args.dst, dtype=args.dtype, progress=True)
+    with args.interrupts.catchable():  # an interrupted write removes its temporary files on the way out
+        dst = convert(args.src, args.dst, dtype=args.dtype, progress=True, overwrite=args.overwrite)
     print(f"[converted {args.src} -> {dst} in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
-    return 0
+    return EXIT_OK
 
 
 def cmd_info(args) -> int:
-    cfg = _config(args)
+    _, cfg = _open(args)
     n = roofline.param_count(cfg)
     print(f"architecture     {cfg.architecture} ({cfg.num_layers} layers, d_model {cfg.d_model}, ffn {cfg.ffn_dim})")
     print(f"attention        {cfg.num_heads} q heads, {cfg.num_kv_heads} kv heads, head_dim {cfg.head_dim}"
@@ -195,11 +434,11 @@ def cmd_info(args) -> int:
     kv = roofline.kv_bytes_per_token(cfg, bytes_per_elem=cfg.jnp_dtype.itemsize)
     print(f"KV bytes/token   {kv / 1024:.1f} KiB ({cfg.dtype})")
     print(f"max context      {cfg.max_position_embeddings} tokens")
-    return 0
+    return EXIT_OK
 
 
 def cmd_roofline(args) -> int:
-    cfg = _config(args)
+    _, cfg = _open(args)
     if args.dtype is None:  # GPU serving runs bfloat16, whatever the checkpoint's storage dtype
         cfg = cfg.replace(dtype="bfloat16")
     gpu = roofline.gpu(args.gpu)
@@ -207,41 +446,73 @@ def cmd_roofline(args) -> int:
     step_bytes = roofline.decode_step_bytes(cfg, b, c)
     flops = roofline.decode_flops(cfg, b, c)
     floor = roofline.decode_floor_seconds(cfg, gpu, b, c)
+    ratio = roofline.ops_per_byte(gpu)
     print(f"{args.model} as {cfg.dtype} on {gpu.name}: "
-          f"{gpu.peak_flops / 1e12:.0f} TFLOP/s, {gpu.hbm_bytes_per_s / 1e12:.2f} TB/s, ops:byte {roofline.ops_per_byte(gpu):.1f}")
+          f"{gpu.peak_flops / 1e12:.0f} TFLOP/s, {gpu.hbm_bytes_per_s / 1e12:.2f} TB/s, ops:byte {ratio:.1f}")
     print(f"decode batch {b} context {c}: {flops / b / 1e9:.2f} GFLOP and {step_bytes / b / 1e9:.3f} GB per token")
     print(f"decode floor     {1e3 * floor:.3f} ms/step ({b / floor:.0f} tok/s)")
     print(f"arithmetic intensity {roofline.decode_arithmetic_intensity(cfg, b, c):.1f} FLOP/byte")
-    print(f"compute-bound from batch {roofline.critical_batch_size(cfg, gpu, c):.0f} (context {c})")
+    critical = roofline.critical_batch_size(cfg, gpu, c)
+    if critical == float("inf"):
+        print(f"never compute-bound at context {c}: each sequence's KV reads grow with the batch as fast as its "
+              f"FLOPs, and attention does fewer than {ratio:.0f} FLOPs per KV byte")
+    else:
+        print(f"compute-bound from batch {critical:.0f} (context {c})")
     print(f"KV capacity      {roofline.kv_capacity_tokens(cfg, gpu.memory_bytes):,} tokens beside the weights")
-    return 0
+    return EXIT_OK
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "info": cmd_info,
             "roofline": cmd_roofline}
 
 
-def _enable_compilation_cache() -> None:
-    """Reuse compiled programs across runs (TTFT of a fresh process is mostly compilation); JAX_COMPILATION_CACHE_DIR
-    overrides the place, and an empty value turns it off."""
-    import os
+# ---------------------------------------------------------------------------------------------
+# Errors and exit codes
 
-    import jax
 
-    path = os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/jaxinfer/xla"))
-    if path:
-        jax.config.update("jax_compilation_cache_dir", path)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+def _report(e: BaseException, kind: str = "error") -> None:
+    if isinstance(e, OSError) and e.strerror:
+        message = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    else:
+        message = str(e) or type(e).__name__
+    print(f"jaxinfer: {kind}: {message}", file=sys.stderr)
+
+
+def _silence_stdout() -> None:
+    """The reader of our stdout is gone (`| head`): point fd 1 at /dev/null so the interpreter's final flush
+    does not fail again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):  # stdout is not a real file (a test's capture)
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    _enable_compilation_cache()
+    """argv None: the real command line (also installs the Ctrl-C watcher); a list: in-process, as tests call it."""
+    watch = interrupts.install() if argv is None else interrupts.PythonDefault()
     try:
+        args = _parser().parse_args(argv)
+        args.interrupts = watch
         return COMMANDS[args.command](args)
-    except ValueError as e:
-        print(f"jaxinfer: error: {e}", file=sys.stderr)
-        return 2
+    except SystemExit as e:  # argparse: --help, --version, usage errors
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    except KeyboardInterrupt:  # raised inside a catchable() block (elsewhere Ctrl-C ends the process at once)
+        print("\njaxinfer: interrupted", file=sys.stderr)
+        return interrupts.EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_OK
+    except (UsageError, PromptError, ValueError) as e:
+        _report(e)
+        return EXIT_USAGE
+    except (OSError, RuntimeError, MemoryError, ImportError) as e:
+        _report(e)
+        return EXIT_RUNTIME
+    except Exception as e:  # a bug in jaxinfer: say so in one line; the traceback on request
+        if os.environ.get("JAXINFER_TRACEBACK"):
+            raise
+        _report(e, f"internal error ({type(e).__name__}; JAXINFER_TRACEBACK=1 shows where)")
+        return EXIT_RUNTIME
 
 
 if __name__ == "__main__":

@@ -116,78 +116,136 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], dtype: str | None = None) -> ModelConfig:
-        """From a HF `config.json` dict, as published checkpoints or transformers 5 write it."""
+        """From a HF `config.json` dict, as published checkpoints or transformers 5 write it.
+
+        A missing or mistyped field raises HFConfigError naming it as config.json does (`hidden_size`)."""
+        if not isinstance(hf, dict):
+            raise HFConfigError(f"must hold a JSON object, got {type(hf).__name__}")
         architecture = _hf_architecture(hf)
-        if hf.get("attention_bias") or hf.get("mlp_bias"):
+        if _hf_field(hf, "attention_bias", "bool", False) or _hf_field(hf, "mlp_bias", "bool", False):
             raise ValueError(f"{architecture}: attention_bias / mlp_bias checkpoints are not supported")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported (only 'silu')")
-        num_heads = hf["num_attention_heads"]
+        hidden_act = _hf_field(hf, "hidden_act", "str", "silu")
+        if hidden_act != "silu":
+            raise ValueError(f"hidden_act={hidden_act!r} is not supported (only 'silu')")
+        d_model = _hf_field(hf, "hidden_size", "positive int")
+        num_heads = _hf_field(hf, "num_attention_heads", "positive int")
         rope_theta, rope_scaling = _hf_rope(hf)
-        eos = hf.get("eos_token_id")
-        eos = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+        eos = _hf_field(hf, "eos_token_id", "int or ints", ())
         return cls(
-            vocab_size=hf["vocab_size"],
-            d_model=hf["hidden_size"],
-            num_layers=hf["num_hidden_layers"],
+            vocab_size=_hf_field(hf, "vocab_size", "positive int"),
+            d_model=d_model,
+            num_layers=_hf_field(hf, "num_hidden_layers", "positive int"),
             num_heads=num_heads,
-            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
-            ffn_dim=hf["intermediate_size"],
+            num_kv_heads=_hf_field(hf, "num_key_value_heads", "positive int", num_heads),
+            head_dim=_hf_field(hf, "head_dim", "positive int", d_model // num_heads),
+            ffn_dim=_hf_field(hf, "intermediate_size", "positive int"),
             rope_theta=float(rope_theta),
             rope_scaling=rope_scaling,
-            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            norm_eps=float(_hf_field(hf, "rms_norm_eps", "number", 1e-6)),
+            tie_embeddings=_hf_field(hf, "tie_word_embeddings", "bool", False),
             qkv_bias=architecture == "qwen2",
             sliding_window=_hf_sliding_window(hf, architecture),
-            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            max_position_embeddings=_hf_field(hf, "max_position_embeddings", "positive int", 4096),
             dtype=dtype or _hf_dtype(hf),
             architecture=architecture,
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_ids=eos,
+            bos_token_id=_hf_field(hf, "bos_token_id", "int", None),
+            eos_token_ids=(eos,) if isinstance(eos, int) else tuple(eos),
         )
 
 
+class HFConfigError(ValueError):
+    """A config.json that is not an object, or a field of it missing or of the wrong type.
+
+    str() is `config.json <detail>`; a loader that knows the file says `<path>: <detail>` instead.
+    """
+
+    def __init__(self, detail: str):
+        self.detail = detail  # "field 'hidden_size'='576' must be a positive int"
+        super().__init__(f"config.json {detail}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON's true is a Python int too
+
+
+# The kinds of value _hf_field checks: kind -> (test, what the error says the value must be).
+_HF_KINDS = {
+    "int": (_is_int, "an int"),
+    "positive int": (lambda v: _is_int(v) and v > 0, "a positive int"),
+    "int or ints": (lambda v: _is_int(v) or (isinstance(v, list) and all(map(_is_int, v))), "an int or a list of ints"),
+    "number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "bool": (lambda v: isinstance(v, bool), "a bool"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "strs": (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v), "a list of strings"),
+    "object": (lambda v: isinstance(v, dict), "an object"),
+}
+_REQUIRED = object()
+
+
+def _hf_field(hf: dict[str, Any], key: str, kind: str, default: Any = _REQUIRED, *, prefix: str = "") -> Any:
+    """hf[key], checked to be of `kind` (a key of _HF_KINDS); absent or null: default if it has one.
+
+    prefix: where hf sits in config.json ("rope_scaling."), for the error's field name."""
+    value = hf.get(key)
+    if value is None and default is not _REQUIRED:
+        return default
+    if key not in hf:
+        raise HFConfigError(f"field {prefix + key!r} is missing")
+    test, what = _HF_KINDS[kind]
+    if not test(value):
+        raise HFConfigError(f"field {prefix + key!r}={value!r} must be {what}")
+    return value
+
+
 def _hf_architecture(hf: dict[str, Any]) -> str:
-    names = hf.get("architectures") or []
+    names = _hf_field(hf, "architectures", "strs", [])
+    model_type = _hf_field(hf, "model_type", "str", None)
     for name in names:
         if name in _HF_ARCHITECTURES:
             return _HF_ARCHITECTURES[name]
-    if not names and hf.get("model_type") in _HF_ARCHITECTURES.values():
-        return hf["model_type"]
-    got = names or hf.get("model_type")
+    if not names and model_type in _HF_ARCHITECTURES.values():
+        return model_type
+    got = names or model_type
     raise ValueError(f"unsupported architecture {got!r}; supported: {sorted(_HF_ARCHITECTURES)}")
 
 
 def _hf_rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     # transformers 5 folds theta and scaling into `rope_parameters`; published checkpoints use
     # `rope_theta` + `rope_scaling` (whose kind is `rope_type`, or `type` in older files).
-    params = dict(hf.get("rope_parameters") or {})
-    scaling = dict(hf.get("rope_scaling") or params)
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    params = _hf_field(hf, "rope_parameters", "object", {})
+    theta = _hf_field(params, "rope_theta", "number", None, prefix="rope_parameters.")
+    if theta is None:
+        theta = _hf_field(hf, "rope_theta", "number", 10000.0)
+    scaling, prefix = _hf_field(hf, "rope_scaling", "object", {}), "rope_scaling."
+    if not scaling:
+        scaling, prefix = params, "rope_parameters."
+
+    def get(key: str, kind: str = "number"):
+        return _hf_field(scaling, key, kind, prefix=prefix)
+
+    kind = _hf_field(scaling, "rope_type" if "rope_type" in scaling else "type", "str", "default", prefix=prefix)
     if kind == "default":
         return theta, None
     if kind == "linear":
-        return theta, RopeScaling("linear", float(scaling["factor"]))
+        return theta, RopeScaling("linear", float(get("factor")))
     if kind == "llama3":
         return theta, RopeScaling(
             "llama3",
-            float(scaling["factor"]),
-            float(scaling["low_freq_factor"]),
-            float(scaling["high_freq_factor"]),
-            int(scaling["original_max_position_embeddings"]),
+            float(get("factor")),
+            float(get("low_freq_factor")),
+            float(get("high_freq_factor")),
+            get("original_max_position_embeddings", "positive int"),
         )
     raise ValueError(f"rope scaling rope_type={kind!r} is not supported (supported: 'linear', 'llama3')")
 
 
 def _hf_sliding_window(hf: dict[str, Any], architecture: str) -> int | None:
     if architecture == "mistral":
-        return hf.get("sliding_window")
+        return _hf_field(hf, "sliding_window", "positive int", None)
     if architecture == "qwen2":
         # Qwen2 windows only the layers from max_window_layers on, and only with use_sliding_window.
-        layer_types = hf.get("layer_types") or []
-        if hf.get("use_sliding_window") or "sliding_attention" in layer_types:
+        layer_types = _hf_field(hf, "layer_types", "strs", [])
+        if _hf_field(hf, "use_sliding_window", "bool", False) or "sliding_attention" in layer_types:
             raise ValueError("qwen2 with use_sliding_window=True (per-layer windows) is not supported")
     return None
 

@@ -7,11 +7,13 @@ from pathlib import Path
 
 from jaxinfer import progress as progress_lib
 from jaxinfer.api import load_model
-from jaxinfer.checkpoints.orbax_ckpt import save_orbax
+from jaxinfer.checkpoints.orbax_ckpt import check_destination, save_orbax
 
 
 def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None, progress=False, overwrite=False) -> Path:
-    """Load src (default, .gguf, HF or orbax dir), write dst atomically: an interrupted convert leaves nothing."""
+    """Load src (default, .gguf, HF or orbax dir), write dst atomically: an interrupted convert leaves nothing.
+    A dst that cannot be written is refused before src is read."""
+    check_destination(dst, overwrite)
     model = load_model(src, dtype, progress=progress_lib.resolve(progress, f"reading {Path(str(src)).name}"))
     extra_files = {}
     if model.tokenizer is not None:

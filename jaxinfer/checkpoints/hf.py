@@ -15,7 +15,7 @@ import numpy as np
 from jaxinfer import model
 from jaxinfer.checkpoints import layout
 from jaxinfer.checkpoints.safetensors_file import SafetensorsFile
-from jaxinfer.config import ModelConfig
+from jaxinfer.config import HFConfigError, ModelConfig
 
 _PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".pkl", ".ckpt")
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -61,6 +61,25 @@ def _safetensors_files(path: Path) -> list[Path]:
     return files
 
 
+def read_hf_config(path: str | Path, dtype: str | None = None) -> ModelConfig:
+    """The directory's config.json alone -> ModelConfig (no weight file is opened); every error names the file."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{path} is not a HF checkpoint directory: no config.json")
+    try:
+        hf = json.loads(config_file.read_text())
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{config_file}: not valid JSON ({e})") from e
+    try:
+        cfg = ModelConfig.from_hf(hf)
+    except HFConfigError as e:
+        raise ValueError(f"{config_file}: {e.detail}") from e
+    except ValueError as e:
+        raise ValueError(f"{config_file}: {e}") from e
+    return cfg if dtype is None else cfg.replace(dtype=dtype)  # a bad dtype is the caller's, not the file's
+
+
 def load_hf(
     path: str | Path, dtype: str | None = None, progress=None, *, mesh=None
 ) -> tuple[ModelConfig, model.Params]:
@@ -69,10 +88,7 @@ def load_hf(
     mesh: put each tensor, as it is converted, straight onto its shards (jaxinfer.sharding); None: one device.
     """
     path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise ValueError(f"{path} is not a HF checkpoint directory: no config.json")
-    cfg = ModelConfig.from_hf(json.loads(config_file.read_text()), dtype=dtype)
+    cfg = read_hf_config(path, dtype)
 
     files = [SafetensorsFile(f) for f in _safetensors_files(path)]
     where = {name: f for f in files for name in f.tensors}

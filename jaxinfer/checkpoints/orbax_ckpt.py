@@ -116,9 +116,8 @@ def save_orbax(
     overwrite: replace an existing jaxinfer orbax checkpoint (or empty directory) at dst; anything else is refused.
     Single process: multi-host saves are not handled yet.
     """
-    dst = Path(dst).absolute()
+    dst = check_destination(dst, overwrite)
     extra_files = dict(extra_files or {})
-    _check_dst(dst, overwrite)
     _check_extra_files(extra_files)
     tensors = named_leaves(params)
     _check_params(cfg, tensors)
@@ -152,6 +151,23 @@ def save_orbax(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return dst
+
+
+def check_destination(dst: str | Path, overwrite: bool = False) -> Path:
+    """dst as save_orbax will write it, refused before any work if it cannot be: it exists (and not overwrite,
+    or is not ours to replace), or nothing can be created where it would go. -> the absolute path."""
+    dst = Path(dst).absolute()
+    _check_dst(dst, overwrite)
+    ancestor = dst.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"cannot write {dst}: {ancestor} is not a directory")
+    try:  # a real probe: os.access says yes to root on a read-only mount such as /proc
+        os.rmdir(tempfile.mkdtemp(prefix=f".{dst.name}.probe-", dir=ancestor))
+    except OSError as e:
+        raise ValueError(f"cannot write {dst}: {ancestor}: {e.strerror or e}") from None
     return dst
 
 
@@ -283,9 +299,11 @@ def load_orbax(
     return out_cfg, jax.tree.unflatten(jax.tree.structure(abstract), leaves)
 
 
-def read_orbax_config(path: str | Path) -> ModelConfig:
-    """The checkpoint's ModelConfig alone (to build the shardings a sharded load_orbax restores onto)."""
-    return _read_metadata(Path(path).absolute())[0]
+def read_orbax_config(path: str | Path, dtype: str | None = None) -> ModelConfig:
+    """The checkpoint's ModelConfig alone, no tensor restored (load_config; the shardings a sharded load_orbax
+    restores onto). dtype as for load_orbax."""
+    cfg = _read_metadata(Path(path).absolute())[0]
+    return cfg if dtype is None else cfg.replace(dtype=dtype)
 
 
 def _read_metadata(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
