@@ -60,3 +60,29 @@ def test_collective_names():
 
     assert all(map(is_collective, ["psum_invariant", "all-reduce.3", "ncclDevKernel_AllReduce_Sum_bf16", "pmax"]))
     assert not any(map(is_collective, ["dot.12", "copy_bitcast_fusion", "ThunkExecutor::Execute"]))
+
+
+def test_gpu_check_plan_fits_eight_minutes():
+    import re
+    import subprocess
+
+    result = subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), "--dry-run"], capture_output=True, text=True,
+                            timeout=60, check=True)
+    names = re.findall(r"^  (\S+) +<= +\d+s", result.stdout, re.M)
+    assert names == ["gpu-tests", "bench-kernels", "benchmark-llama-2-7b", "run-sharded-tp1"]
+    assert "--compare-unsharded" in result.stdout and "--batch 1 32 --context 512 --prompt-len 2048" in result.stdout
+    assert int(re.search(r"at most (\d+)s in all", result.stdout).group(1)) <= 8 * 60
+
+
+def test_gpu_check_writes_its_summaries(tmp_path):
+    import subprocess
+
+    # `true` stands in for python: every step "passes" at once, and the summaries are what is checked.
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": "true"}
+    subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), "--out", str(tmp_path)], env=env, capture_output=True,
+                   timeout=60, check=True)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [s["step"] for s in summary["steps"]] == ["gpu-tests", "bench-kernels", "benchmark-llama-2-7b",
+                                                     "run-sharded-tp1"]
+    assert all(s["exit"] == 0 and (tmp_path / s["log"]).is_file() for s in summary["steps"])
+    assert "| benchmark-llama-2-7b | 0 |" in (tmp_path / "summary.md").read_text()
