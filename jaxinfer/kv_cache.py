@@ -1,7 +1,8 @@
 """The paged KV cache: a preallocated pytree passed into every step and returned updated (donated under jit).
 
 One pool of pages per layer; each sequence owns a row of the page table. Which pages a sequence gets is
-decided host side (jaxinfer/page_allocator.py); this file only moves K/V in and out of the pool.
+decided host side (jaxinfer/page_allocator.py); this file only writes K/V into the pool. Reads belong to
+attention: the reference gathers pages (`pallas_kernels.reference.gather_pages`), the kernels follow the table.
 """
 
 from __future__ import annotations
@@ -82,11 +83,3 @@ def write(
     k_pages = k_pages.at[:, page, slot].set(k.transpose(2, 0, 1, 3).astype(k_pages.dtype), mode="drop")
     v_pages = v_pages.at[:, page, slot].set(v.transpose(2, 0, 1, 3).astype(v_pages.dtype), mode="drop")
     return k_pages, v_pages
-
-
-def gather(pages: jax.Array, page_table: jax.Array) -> jax.Array:
-    """pages [K, P, page_size, H], page_table [B, pages_per_seq] -> contiguous [B, K, S, H], S = pages_per_seq * page_size."""
-    K, _, page_size, H = pages.shape
-    B, pages_per_seq = page_table.shape
-    x = pages[:, page_table]  # [K, B, pages_per_seq, page_size, H]
-    return x.transpose(1, 0, 2, 3, 4).reshape(B, K, pages_per_seq * page_size, H)  # [B, K, S, H]

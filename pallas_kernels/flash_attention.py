@@ -44,7 +44,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxinfer.attention import attention_reference
 from pallas_kernels import flash_attention_mgpu, mosaic_common
 
 _MASKED = -1e30  # finite: masked - masked stays 0 instead of NaN
@@ -227,7 +226,7 @@ def flash_attention(
 ):
     """Causal (optionally sliding-window) attention of q over the paged cache -> [B, T, N, H] in q.dtype.
 
-    Same contract as `jaxinfer.attention.attention_reference`. implementation: "mosaic" (Hopper, 16-bit)
+    Same contract as `pallas_kernels.reference.attention_reference`. implementation: "mosaic" (Hopper, 16-bit)
     or "triton" (generic); None picks "mosaic" on a GPU when the inputs allow it. For "triton", block_q
     (query positions per program) and pages_per_block (pages per kv step) default from TUNED and must be
     powers of 2; "mosaic" takes 64 query rows per program, pages_per_block * page_size a multiple of 64
@@ -339,13 +338,6 @@ def _flash_attention_mosaic(q, k_pages, v_pages, page_table, q_positions, kv_len
     table = jnp.pad(table, ((0, 0), (0, num_blocks * pages_per_block - pages_per_seq)))
     kv_lengths = jnp.clip(kv_lengths.astype(jnp.int32), 0, pages_per_seq * page_size)
     o = flash_attention_mgpu.flash_attention_rows(
-        qg, positions, k_pages, v_pages, table, kv_lengths, sliding_window=sliding_window,
+        qg, k_pages, v_pages, table, positions, kv_lengths, sliding_window=sliding_window,
         pages_per_block=pages_per_block, num_stages=num_stages, interpret=interpret)  # [B, K, T_pad * G_pad, H]
     return _heads_from_rows(o, T, G)
-
-
-def flash_attention_reference(q, k_pages, v_pages, page_table, q_positions, kv_lengths, *, sliding_window=None):
-    """The plain-jnp float32 reference: jaxinfer.attention.attention_reference. -> [B, T, N, H] in q.dtype."""
-    return attention_reference(
-        q, k_pages, v_pages, page_table, q_positions, kv_lengths, sliding_window=sliding_window
-    )

@@ -153,10 +153,10 @@ def _flash_attention_body(
 
 def flash_attention_rows(
     q_rows,  # [B, K, R, H], R a multiple of 64
-    row_positions,  # [B, R] int32, -1 = padding
     k_pages,  # [K, P, page_size, H]
     v_pages,  # [K, P, page_size, H]
     page_table,  # [B, padded_pages] int32, clipped into [0, P), whole blocks
+    row_positions,  # [B, R] int32, -1 = padding
     kv_lengths,  # [B] int32, clipped into [0, pages_per_seq * page_size]
     *,
     sliding_window: int | None,

@@ -37,7 +37,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxinfer.attention import attention_reference
 from pallas_kernels import mosaic_common, paged_attention_mgpu
 
 _MASKED = -1e30  # finite: exp2(_MASKED - m) is exactly 0 and m never becomes -inf, so no inf - inf = NaN
@@ -155,7 +154,7 @@ def _check_int(name: str, value, *, power_of_2: bool = False):
         raise ValueError(f"{name}={value!r} must be a power of 2")
 
 
-def _validate(q, k_pages, v_pages, page_table, kv_lengths, q_positions, sliding_window):
+def _validate(q, k_pages, v_pages, page_table, q_positions, kv_lengths, sliding_window):
     if q.ndim != 3:
         raise ValueError(f"q.shape={q.shape} must be [B, N, H]")
     if k_pages.ndim != 4:
@@ -177,10 +176,8 @@ def _validate(q, k_pages, v_pages, page_table, kv_lengths, q_positions, sliding_
             raise ValueError(f"{name}.dtype={x.dtype} must equal q.dtype={q.dtype}")
     if page_table.ndim != 2 or page_table.shape[0] != B:
         raise ValueError(f"page_table.shape={page_table.shape} must be [B={B}, pages_per_seq]")
-    for name, x, shape in (("page_table", page_table, page_table.shape), ("kv_lengths", kv_lengths, (B,)),
-                           ("q_positions", q_positions, (B,))):
-        if x is None:
-            continue
+    for name, x, shape in (("page_table", page_table, page_table.shape), ("q_positions", q_positions, (B,)),
+                           ("kv_lengths", kv_lengths, (B,))):
         if x.shape != shape:
             raise ValueError(f"{name}.shape={x.shape} must be {shape}")
         if x.dtype != jnp.int32:
@@ -197,8 +194,8 @@ def paged_attention(
     k_pages: jax.Array,  # [K, P, page_size, H]
     v_pages: jax.Array,  # [K, P, page_size, H]
     page_table: jax.Array,  # [B, pages_per_seq] int32
+    q_positions: jax.Array,  # [B] int32, -1 = padding
     kv_lengths: jax.Array,  # [B] int32
-    q_positions: jax.Array | None = None,  # [B] int32; None: kv_lengths - 1
     *,
     sliding_window: int | None = None,
     pages_per_block: int | None = None,
@@ -211,8 +208,9 @@ def paged_attention(
     """Decode attention of q [B, N, H] over the paged cache -> [B, N, H] in q.dtype.
 
     Sequence b's keys 0..kv_lengths[b]-1 live in pages page_table[b]; its query sits at q_positions[b]
-    (default kv_lengths[b] - 1) and sees keys s <= q_position with q_position - s < sliding_window.
-    A row that sees no key (length 0, position -1) returns zeros. Matches `attention_reference` with T = 1.
+    (usually kv_lengths[b] - 1) and sees keys s <= q_position with q_position - s < sliding_window.
+    A row that sees no key (length 0, position -1) returns zeros. The arguments are flash_attention's, in its
+    order, with T = 1; the contract is `pallas_kernels.reference.paged_attention_reference`.
 
     pages_per_block: pages per inner step; num_splits: how many programs share one sequence
     (flash-decoding); num_stages: software-pipeline depth (Triton stages, or Mosaic GPU ring slots);
@@ -220,14 +218,14 @@ def paged_attention(
     implementation: "mosaic" (Hopper, 16-bit inputs) or "triton" (generic); None picks "mosaic" on a GPU
     when the inputs allow it, else "triton".
     """
-    _validate(q, k_pages, v_pages, page_table, kv_lengths, q_positions, sliding_window)
+    _validate(q, k_pages, v_pages, page_table, q_positions, kv_lengths, sliding_window)
     B, N, H = q.shape
     K, P, page_size, _ = k_pages.shape
     pages_per_seq = page_table.shape[1]
     G = N // K
     implementation = mosaic_common.pick_implementation(implementation, interpret, q.dtype, H, page_size, G)
     if implementation == "mosaic":
-        return _paged_attention_mosaic(q, k_pages, v_pages, page_table, kv_lengths, q_positions,
+        return _paged_attention_mosaic(q, k_pages, v_pages, page_table, q_positions, kv_lengths,
                                        sliding_window=sliding_window, pages_per_block=pages_per_block,
                                        num_splits=num_splits, num_stages=num_stages, interpret=interpret)
     tuned_pages, tuned_warps, tuned_stages = default_block_sizes(q.dtype, H, page_size)
@@ -243,8 +241,6 @@ def paged_attention(
         _check_int("head_dim", H, power_of_2=True)
     pages_per_block = min(pages_per_block, _next_power_of_2(pages_per_seq))
     num_splits, blocks_per_split, page_table = _plan_splits(page_table, P, B * K, pages_per_block, num_splits)
-    if q_positions is None:
-        q_positions = kv_lengths - 1
     rows = max(_MIN_DOT_ROWS, _next_power_of_2(G))
     q = q.reshape(B, K, G, H)  # [B, K, G, H]
     q = jnp.pad(q, ((0, 0), (0, 0), (0, rows - G), (0, 0)))  # [B, K, Gp, H], zero rows are sliced off below
@@ -323,7 +319,7 @@ def _merge_splits(o, m, l, group: int) -> jax.Array:
     return o[:, :, :group]
 
 
-def _paged_attention_mosaic(q, k_pages, v_pages, page_table, kv_lengths, q_positions, *, sliding_window,
+def _paged_attention_mosaic(q, k_pages, v_pages, page_table, q_positions, kv_lengths, *, sliding_window,
                             pages_per_block, num_splits, num_stages, interpret):
     """The Mosaic GPU body (`paged_attention_mgpu`) behind `paged_attention`'s contract."""
     B, N, H = q.shape
@@ -334,8 +330,6 @@ def _paged_attention_mosaic(q, k_pages, v_pages, page_table, kv_lengths, q_posit
         page_size, pages_per_block, num_stages,
         smem_bytes=functools.partial(paged_attention_mgpu.shared_memory_bytes, q.dtype, H))
     num_splits, blocks_per_split, page_table = _plan_splits(page_table, P, B * K, pages_per_block, num_splits)
-    if q_positions is None:
-        q_positions = kv_lengths - 1
     # Visible keys are [lo, hi): written, not after the query, inside the window.
     hi = jnp.clip(jnp.minimum(kv_lengths, q_positions + 1), 0, pages_per_seq * page_size)  # [B]
     lo = jnp.zeros_like(hi) if sliding_window is None else jnp.maximum(q_positions - sliding_window + 1, 0)
@@ -345,13 +339,3 @@ def _paged_attention_mosaic(q, k_pages, v_pages, page_table, kv_lengths, q_posit
             blocks_per_split=blocks_per_split, num_splits=num_splits, num_stages=num_stages,
             interpret=interpret)
         return _merge_splits(o, m, l, G).reshape(B, N, H).astype(q.dtype)
-
-
-def paged_attention_reference(q, k_pages, v_pages, page_table, kv_lengths, q_positions=None, *,
-                              sliding_window=None):
-    """The same contract through the float32 `attention_reference` with T = 1. -> [B, N, H] in q.dtype."""
-    if q_positions is None:
-        q_positions = kv_lengths - 1
-    o = attention_reference(q[:, None], k_pages, v_pages, page_table, q_positions[:, None], kv_lengths,
-                            sliding_window=sliding_window)  # [B, 1, N, H]
-    return o[:, 0]  # [B, N, H]

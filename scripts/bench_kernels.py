@@ -38,9 +38,9 @@ import numpy as np
 
 from jaxinfer import roofline
 from jaxinfer.timing import median_seconds
-from jaxinfer.attention import attention_reference
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.paged_attention import paged_attention
+from pallas_kernels.reference import attention_reference
 
 TOL = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3}  # |o - ref| <= tol * (1 + |ref|)
 _MASKED = -1e30
@@ -204,20 +204,16 @@ def _on_gpu() -> bool:
 
 
 def _ours(p: Problem, interpret: bool):
-    if p.shape.op == "prefill":
-        args = (p.q, p.k_pages, p.v_pages, p.page_table, p.q_positions, p.kv_lengths)
-        return Run(lambda: flash_attention(*args, interpret=interpret))  # on a GPU: the Mosaic body where it applies
-    args = (p.q, p.k_pages, p.v_pages, p.page_table, p.kv_lengths, p.q_positions)
-    return Run(lambda: paged_attention(*args, interpret=interpret))
+    kernel = flash_attention if p.shape.op == "prefill" else paged_attention
+    args = (p.q, p.k_pages, p.v_pages, p.page_table, p.q_positions, p.kv_lengths)
+    return Run(lambda: kernel(*args, interpret=interpret))  # on a GPU: the Mosaic body where it applies
 
 
 def _ours_triton(p: Problem, interpret: bool):
     """Our generic (Triton) body, next to the default pick above (the Mosaic GPU body on a GPU)."""
-    if p.shape.op == "prefill":
-        args = (p.q, p.k_pages, p.v_pages, p.page_table, p.q_positions, p.kv_lengths)
-        return Run(lambda: flash_attention(*args, implementation="triton", interpret=interpret))
-    args = (p.q, p.k_pages, p.v_pages, p.page_table, p.kv_lengths, p.q_positions)
-    return Run(lambda: paged_attention(*args, implementation="triton", interpret=interpret))
+    kernel = flash_attention if p.shape.op == "prefill" else paged_attention
+    args = (p.q, p.k_pages, p.v_pages, p.page_table, p.q_positions, p.kv_lengths)
+    return Run(lambda: kernel(*args, implementation="triton", interpret=interpret))
 
 
 @jax.jit

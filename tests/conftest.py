@@ -15,7 +15,23 @@ os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
+# Every numerical comparison in the tests takes its tolerance from here: TOLERANCE[purpose][dtype name]. A purpose's
+# number is the atol, and also the rtol where its comment says so (otherwise rtol is 0).
+TOLERANCE = {
+    # A Pallas kernel against pallas_kernels.reference, in its input dtype (atol = rtol).
+    "flash_attention": {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3},
+    "paged_attention": {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2},
+    # pallas_kernels.reference (float32, HIGHEST) against plain numpy attention in float64 (atol = rtol).
+    "reference": {"float32": 1e-6},
+    # One model's logits two ways, both ours: sharded or not, kernels or reference, page layout, chunking.
+    "model": {"float32": 1e-5},
+    # Our logits against transformers' on the tiny random models of HF_CONFIGS.
+    "hf": {"float32": 1e-4, "bfloat16": 5e-2},
+    # The embedded default model (30 layers of real weights) against transformers.
+    "hf_default_model": {"float32": 1e-3},
+    # Sampling filters and penalties against transformers' logits processors (rtol only, atol 0).
+    "sampling": {"float32": 1e-6},
+}
 
 # Tiny configs of each supported family; each exercises one feature the others do not.
 HF_CONFIGS = {

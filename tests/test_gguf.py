@@ -14,12 +14,13 @@ torch = pytest.importorskip("torch")  # the CI stage on jax 0.11.2 has no torch
 transformers = pytest.importorskip("transformers")
 
 import jaxinfer
-from conftest import HF_CONFIGS, make_hf_model, random_hf_model, random_prompts
+from conftest import HF_CONFIGS, TOLERANCE, make_hf_model, random_hf_model, random_prompts
 from jaxinfer.checkpoints import gguf_file
 from jaxinfer.checkpoints.gguf_file import default_gguf_path, load_gguf
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
+HF_ATOL = TOLERANCE["hf"]["float32"]
 
 # A Llama with head_dim 16, so llama.cpp's q/k row permutation moves rows across 8-row halves.
 TINY_LLAMA = dict(
@@ -155,7 +156,7 @@ def test_llama_gguf_logits_match_transformers(qtype, tmp_path):
     assert (cfg.bos_token_id, cfg.eos_token_ids, cfg.dtype) == (1, (2,), "float32")
     (ids,) = random_prompts(cfg.vocab_size, [40], seed=1)
     ours = jaxinfer.score(jaxinfer.Model(cfg, params), ids)
-    np.testing.assert_allclose(ours, hf_logits(round_trip(hf, qtype), ids), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(ours, hf_logits(round_trip(hf, qtype), ids), atol=HF_ATOL, rtol=0)
 
 
 def test_qwen2_gguf_with_biases_tied_embeddings_and_token_list_vocab(tmp_path):
@@ -167,7 +168,7 @@ def test_qwen2_gguf_with_biases_tied_embeddings_and_token_list_vocab(tmp_path):
     assert (cfg.architecture, cfg.qkv_bias, cfg.tie_embeddings, cfg.vocab_size) == ("qwen2", True, True, 256)
     (ids,) = random_prompts(cfg.vocab_size, [40], seed=1)
     ours = jaxinfer.score(jaxinfer.Model(cfg, params), ids)
-    np.testing.assert_allclose(ours, hf_logits(hf, ids), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(ours, hf_logits(hf, ids), atol=HF_ATOL, rtol=0)
 
 
 def llama3_rope_factors(head_dim: int, theta: float, s: dict) -> np.ndarray:
@@ -211,7 +212,8 @@ def test_rope_scaling(kind, tmp_path):
     )
     assert cfg.rope_scaling == expected
     (ids,) = random_prompts(cfg.vocab_size, [40], seed=1)
-    np.testing.assert_allclose(jaxinfer.score(jaxinfer.Model(cfg, params), ids), hf_logits(hf, ids), atol=1e-4, rtol=0)
+    ours = jaxinfer.score(jaxinfer.Model(cfg, params), ids)
+    np.testing.assert_allclose(ours, hf_logits(hf, ids), atol=HF_ATOL, rtol=0)
 
 
 def test_requested_dtype(tmp_path):
@@ -337,5 +339,5 @@ def test_default_model_logits_match_transformers(default_model):
     ours = jaxinfer.score(jaxinfer.Model(cfg, params), PROMPT_IDS)
     theirs = hf_logits(hf, PROMPT_IDS)
     print(f"\nmax |logit difference| vs transformers: {np.max(np.abs(ours - theirs)):.2e}")
-    np.testing.assert_allclose(ours, theirs, atol=1e-3, rtol=0)
+    np.testing.assert_allclose(ours, theirs, atol=TOLERANCE["hf_default_model"]["float32"], rtol=0)
     assert np.argmax(ours[-1]) == np.argmax(theirs[-1])

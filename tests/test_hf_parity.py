@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")  # the CI stage on jax 0.11.2 has no torch
 
 import jaxinfer
-from conftest import HF_CONFIGS, random_prompts
+from conftest import HF_CONFIGS, TOLERANCE, random_prompts
 
 FAMILIES = sorted(HF_CONFIGS)
 
@@ -32,7 +32,7 @@ def test_score_logits_match_transformers(family, hf_checkpoint):
     with torch.no_grad():
         theirs = hf(torch.tensor([ids])).logits[0].float().numpy()
     assert ours.shape == theirs.shape == (40, model.cfg.vocab_size)
-    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(ours, theirs, atol=TOLERANCE["hf"]["float32"], rtol=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -1,4 +1,4 @@
-"""pallas_kernels/paged_attention.py against its reference: interpret mode on the CPU, compiled on a GPU.
+"""pallas_kernels/paged_attention.py against pallas_kernels.reference: interpret mode on the CPU, compiled on a GPU.
 
 Both bodies: the generic one ("triton") in the HLO interpreter on any jax, the Mosaic GPU one ("mosaic")
 in Mosaic GPU's interpreter on jax >= 0.11 (CI runs these in its jax 0.11.2 stage); both are lowered for
@@ -11,20 +11,24 @@ pointing at NaN pages, at -1 or past the pool.
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import lower_for_h100
-from pallas_kernels.paged_attention import paged_attention, paged_attention_reference
+from conftest import TOLERANCE, lower_for_h100
 from pallas_kernels.mosaic_common import interpreter_available
+from pallas_kernels.paged_attention import paged_attention
+from pallas_kernels.reference import paged_attention_reference
 
-TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2}
+TOL = TOLERANCE["paged_attention"]
 
 
 def make_case(seed, *, dtype, head_dim, q_per_kv, page_size, pages_per_seq, num_kv_heads=2, lengths=None):
-    """(q, k_pages, v_pages, page_table, kv_lengths): only slots below each sequence's length are finite."""
+    """(q, k_pages, v_pages, page_table, q_positions, kv_lengths): only slots below each sequence's length are
+    finite; each query sits at its sequence's last written key (length - 1), as in a decode step."""
     rng = np.random.default_rng(seed)
     max_len = pages_per_seq * page_size
     if lengths is None:
@@ -45,15 +49,15 @@ def make_case(seed, *, dtype, head_dim, q_per_kv, page_size, pages_per_seq, num_
         page_table[b, used:] = garbage  # may point outside the pool; never read into the result
     q = rng.standard_normal((B, N, H)).astype(np.float32)
     as_dtype = lambda x: jnp.asarray(x, dtype)  # noqa: E731
-    return (as_dtype(q), as_dtype(k_pages), as_dtype(v_pages), jnp.asarray(page_table),
-            jnp.asarray(lengths, jnp.int32))
+    lengths = jnp.asarray(lengths, jnp.int32)
+    return as_dtype(q), as_dtype(k_pages), as_dtype(v_pages), jnp.asarray(page_table), lengths - 1, lengths
 
 
 def assert_matches(out, ref, dtype):
     assert out.shape == ref.shape and out.dtype == ref.dtype
     out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
     assert np.isfinite(out).all()
-    tol = TOLERANCE[jnp.dtype(dtype).name]
+    tol = TOL[jnp.dtype(dtype).name]
     np.testing.assert_allclose(out, ref, atol=tol, rtol=tol)
 
 
@@ -105,10 +109,10 @@ def test_matches_reference(dtype, head_dim, q_per_kv, page_size, sliding_window,
 @pytest.mark.parametrize("sliding_window", [None, 8])
 def test_explicit_q_positions(sliding_window):
     """Length 0 and position -1 give zeros; a query before the last written key ignores the keys after it."""
-    q, k_pages, v_pages, page_table, kv_lengths = make_case(
+    q, k_pages, v_pages, page_table, _, kv_lengths = make_case(
         1, dtype="float32", head_dim=64, q_per_kv=4, page_size=16, pages_per_seq=5, lengths=[0, 5, 40, 80, 80])
     q_positions = jnp.asarray([-1, -1, 39, 50, 17], jnp.int32)
-    args = (q, k_pages, v_pages, page_table, kv_lengths, q_positions)
+    args = (q, k_pages, v_pages, page_table, q_positions, kv_lengths)
     out = paged_attention(*args, sliding_window=sliding_window, num_splits=2, pages_per_block=2, interpret=True)
     assert_matches(out, paged_attention_reference(*args, sliding_window=sliding_window), "float32")
     np.testing.assert_array_equal(np.asarray(out[:2]), 0.0)
@@ -121,10 +125,30 @@ def test_default_block_sizes_under_jit():
     assert_matches(out, paged_attention_reference(*args), "bfloat16")
 
 
+def test_both_kernels_take_attentions_argument_order():
+    """q, k_pages, v_pages, page_table, q_positions, kv_lengths: the order of jaxinfer.attention.attention, for
+    both kernels, their references and their Mosaic GPU bodies (whose arguments are derived from those)."""
+    from jaxinfer.attention import attention
+    from pallas_kernels import flash_attention_mgpu, paged_attention_mgpu, reference
+    from pallas_kernels.flash_attention import flash_attention
+
+    def positional(fn):
+        return [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+
+    order = positional(attention)
+    assert order == ["q", "k_pages", "v_pages", "page_table", "q_positions", "kv_lengths"]
+    for fn in (flash_attention, paged_attention, reference.attention_reference, reference.paged_attention_reference):
+        assert positional(fn) == order, fn
+    assert positional(flash_attention_mgpu.flash_attention_rows) == [
+        "q_rows", "k_pages", "v_pages", "page_table", "row_positions", "kv_lengths"]
+    assert positional(paged_attention_mgpu.paged_attention_partials) == [
+        "q", "k_pages", "v_pages", "page_table", "lo", "hi"]  # lo, hi: the visible keys, from positions and lengths
+
+
 _Q = jnp.zeros((2, 4, 64), jnp.float32)  # [B, N, H]
 _PAGES = jnp.zeros((2, 6, 16, 64), jnp.float32)  # [K, P, page_size, H]
 _GOOD = dict(q=_Q, k_pages=_PAGES, v_pages=_PAGES, page_table=jnp.zeros((2, 3), jnp.int32),
-             kv_lengths=jnp.ones((2,), jnp.int32), interpret=True)
+             q_positions=jnp.zeros((2,), jnp.int32), kv_lengths=jnp.ones((2,), jnp.int32), interpret=True)
 # (the parameter the message must name, what replaces the good input)
 BAD_INPUTS = [
     ("head_dim", dict(q=jnp.zeros((2, 4, 40)), k_pages=jnp.zeros((2, 6, 16, 40)), v_pages=jnp.zeros((2, 6, 16, 40)))),
@@ -138,6 +162,7 @@ BAD_INPUTS = [
     ("kv_lengths.shape", dict(kv_lengths=jnp.ones((3,), jnp.int32))),
     ("kv_lengths.dtype", dict(kv_lengths=jnp.ones((2,), jnp.float32))),
     ("q_positions.shape", dict(q_positions=jnp.zeros((2, 1), jnp.int32))),
+    ("q_positions.dtype", {"q_positions": jnp.zeros((2,), jnp.float32)}),
     ("sliding_window", dict(sliding_window=0)),
     ("pages_per_block", dict(pages_per_block=3)),
     ("num_splits", dict(num_splits=0)),
@@ -217,11 +242,11 @@ def test_mosaic_matches_reference(dtype, head_dim, q_per_kv, page_size, sliding_
 def test_mosaic_explicit_q_positions(sliding_window):
     """Length 0 / position -1 give zeros, a query before the last key ignores later keys, a window that
     starts mid-block hides the keys before it, with three ring slots and one block a step."""
-    q, k_pages, v_pages, page_table, kv_lengths = make_case(
+    q, k_pages, v_pages, page_table, _, kv_lengths = make_case(
         1, dtype="bfloat16", head_dim=64, q_per_kv=4, page_size=16, pages_per_seq=9,
         lengths=[0, 5, 40, 140, 144])
     q_positions = jnp.asarray([-1, -1, 39, 100, 17], jnp.int32)
-    args = (q, k_pages, v_pages, page_table, kv_lengths, q_positions)
+    args = (q, k_pages, v_pages, page_table, q_positions, kv_lengths)
     out = paged_attention(*args, sliding_window=sliding_window, num_splits=1, num_stages=3,
                           implementation="mosaic", interpret=True)
     assert_matches(out, paged_attention_reference(*args, sliding_window=sliding_window), "bfloat16")

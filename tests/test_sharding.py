@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 
 import jaxinfer
-from conftest import random_hf_model, random_prompts
+from conftest import TOLERANCE, random_hf_model, random_prompts
 from jaxinfer import ModelConfig, SamplingParams, sharding
 from jaxinfer.generate import RowSettings, allocate_cache, decode_step, generate_loop
 from jaxinfer.sampling import SamplingArrays, row_keys
 
 ROOT = Path(__file__).resolve().parent.parent
-LOGITS_ATOL = 1e-5  # float32
+LOGITS_ATOL = TOLERANCE["model"]["float32"]
 
 # Tiny HF configs; together: MHA, GQA split and replicated (kv_heads < tp), MQA, tied and untied embeddings.
 _BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=512,
