@@ -147,3 +147,22 @@ def tiny_chat_model(tmp_path_factory):
     extra = {p.name: p.read_bytes() for p in sorted(tok_dir.iterdir())}
     dst = tmp_path_factory.mktemp("tiny-chat") / "model"
     return save_orbax(cfg, jaxinfer.random_model(cfg, seed=1).params, dst, extra_files=extra)
+
+
+@pytest.fixture
+def compilations():
+    """A Counter of the programs jax lowers while the test runs, by jit name ("jit(_prefill)"), through the public
+    jax.monitoring hook: a new program is lowered whether or not the persistent cache then has its binary."""
+    import collections
+
+    from jax import monitoring
+
+    counts = collections.Counter()
+
+    def on_event(name, seconds, **kwargs):
+        if name == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+            counts[kwargs.get("fun_name", "?")] += 1
+
+    monitoring.register_event_duration_secs_listener(on_event)
+    yield counts
+    monitoring.unregister_event_duration_listener(on_event)
