@@ -15,7 +15,7 @@ from jaxinfer import kv_cache
 from jaxinfer import model as model_lib
 from jaxinfer import roofline
 from jaxinfer.errors import ParameterError
-from jaxinfer.generate import _prefill, generate_loop, prefill
+from jaxinfer.generate import _prefill
 
 GREEDY = jaxinfer.SamplingParams(temperature=0.0)
 
