@@ -9,6 +9,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from jaxinfer.errors import is_int
+
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 # HF `architectures` / `model_type` values this decoder implements exactly.
@@ -164,15 +166,11 @@ class HFConfigError(ValueError):
         super().__init__(f"config.json {detail}")
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # JSON's true is a Python int too
-
-
 # The kinds of value _hf_field checks: kind -> (test, what the error says the value must be).
 _HF_KINDS = {
-    "int": (_is_int, "an int"),
-    "positive int": (lambda v: _is_int(v) and v > 0, "a positive int"),
-    "int or ints": (lambda v: _is_int(v) or (isinstance(v, list) and all(map(_is_int, v))), "an int or a list of ints"),
+    "int": (is_int, "an int"),
+    "positive int": (lambda v: is_int(v) and v > 0, "a positive int"),
+    "int or ints": (lambda v: is_int(v) or (isinstance(v, list) and all(map(is_int, v))), "an int or a list of ints"),
     "number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
     "bool": (lambda v: isinstance(v, bool), "a bool"),
     "str": (lambda v: isinstance(v, str), "a string"),

@@ -6,6 +6,8 @@ Front ends name the parameter in their own words: the CLI as its flag (`--top-p`
 
 from __future__ import annotations
 
+import numbers
+
 _NO_VALUE = object()
 
 
@@ -18,3 +20,9 @@ class ParameterError(ValueError):
     @property
     def has_value(self) -> bool:
         return self.value is not _NO_VALUE
+
+
+def is_int(x) -> bool:
+    """A Python or numpy integer, not a bool (True is an int to Python, and JSON's true becomes one; as a token id,
+    a count or a config field it is a mistake)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import numbers
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -18,7 +17,7 @@ import numpy as np
 from jaxinfer import attention as attention_lib
 from jaxinfer import kv_cache, sharding
 from jaxinfer import sampling as sampling_lib
-from jaxinfer.errors import ParameterError
+from jaxinfer.errors import ParameterError, is_int
 from jaxinfer.page_allocator import PageAllocator
 from jaxinfer.sampling_params import INT32_MAX, check_seed
 
@@ -190,13 +189,8 @@ class GenerationOutput:
     finish_reason: str  # "stop" | "length"
 
 
-def _is_int(x) -> bool:
-    """A Python or numpy integer, not a bool (True is an int to Python; as a token id or a count it is a mistake)."""
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
 def _check_count(name: str, value, upper: int = INT32_MAX) -> int:
-    if not (_is_int(value) and 1 <= value <= upper):
+    if not (is_int(value) and 1 <= value <= upper):
         raise ParameterError(name, f"must be an int in [1, {upper}]", value=value)
     return int(value)
 
@@ -217,7 +211,7 @@ def _token_ids(seq, vocab_size: int, tokenizer, param: str, index: int | None = 
         if not isinstance(seq, Sequence):
             raise ParameterError(param, f"must be a str or a list of token ids, not {type(seq).__name__}", index=index)
         for position, t in enumerate(seq):
-            if not _is_int(t):
+            if not is_int(t):
                 if isinstance(t, Sequence) and not isinstance(t, (str, bytes)):
                     reason = f"is nested deeper than token ids: position {position} is a {type(t).__name__}"
                     raise ParameterError(param, reason, index=index)
@@ -249,7 +243,7 @@ def _check_prompts(prompts, model_, max_new_tokens) -> list[list[int]]:
         raise ParameterError("prompts", reason)
     if len(prompts) == 0:
         raise ParameterError("prompts", "must not be empty", value=prompts)
-    if all(_is_int(p) for p in prompts):
+    if all(is_int(p) for p in prompts):
         raise ParameterError("prompts", "is a flat list of ints; pass a list of prompts: [[1, 2, 3]]")
     token_lists = []
     for i, prompt in enumerate(prompts):
@@ -324,7 +318,7 @@ def _reserve_pages(
 ) -> tuple[np.ndarray, int]:
     """Pages for each sequence's token budget, all or nothing (PagePoolExhausted), on the host:
     -> (page_table [batch, pages_per_seq] int32, num_pages)."""
-    if not _is_int(page_size) or page_size < 1:
+    if not is_int(page_size) or page_size < 1:
         raise ParameterError("page_size", "must be an int >= 1", value=page_size)
     pages_per_seq = -(-seq_capacity // page_size)
     num_pages = batch * pages_per_seq if num_pages is None else num_pages

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import numbers
 from pathlib import Path
 
-from jaxinfer.errors import ParameterError
+from jaxinfer.errors import ParameterError, is_int
 from jaxinfer.sampling_params import INT32_MAX, SamplingParams, check_seed
 
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
@@ -82,7 +81,7 @@ def make_spec(where: str, fields: dict, defaults: Defaults) -> PromptSpec:
             raise PromptError(f"{where}: 'prompt' must be a non-empty string, got {text!r:.60}")
         check_text(text, f"{where}: 'prompt'")
     else:
-        if not isinstance(ids, (list, tuple)) or not ids or not all(_is_int(t) and t >= 0 for t in ids):
+        if not isinstance(ids, (list, tuple)) or not ids or not all(is_int(t) and t >= 0 for t in ids):
             raise PromptError(f"{where}: 'prompt_ids' must be a non-empty list of token ids (ints >= 0), got {ids!r:.60}")
         ids = tuple(int(t) for t in ids)
     chat = fields.get("chat", defaults.chat)
@@ -94,10 +93,10 @@ def make_spec(where: str, fields: dict, defaults: Defaults) -> PromptSpec:
             raise PromptError(f"{where}: 'system' must be a string, got {system!r:.60}")
         check_text(system, f"{where}: 'system'")
     max_new_tokens = fields.get("max_new_tokens", defaults.max_new_tokens)
-    if not (_is_int(max_new_tokens) and 1 <= max_new_tokens <= INT32_MAX):
+    if not (is_int(max_new_tokens) and 1 <= max_new_tokens <= INT32_MAX):
         raise PromptError(f"{where}: 'max_new_tokens' must be an int in [1, {INT32_MAX}], got {max_new_tokens!r}")
     item_id = fields.get("id")
-    if item_id is not None and not (isinstance(item_id, str) or _is_int(item_id)):
+    if item_id is not None and not (isinstance(item_id, str) or is_int(item_id)):
         raise PromptError(f"{where}: 'id' must be a string or an int, got {item_id!r:.60}")
     try:
         seed = check_seed(fields.get("seed", defaults.seed))
@@ -142,6 +141,3 @@ def read_prompt_file(path: str, jsonl: bool | None, defaults: Defaults, stdin=No
         raise PromptError(f"the prompt file {name} holds no prompt")
     return specs
 
-
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
