@@ -281,12 +281,13 @@ def _one_or_per_prompt(name: str, value, check):
     if isinstance(value, (list, tuple)):
         if not value:
             raise ParameterError(name, "must be an int or a non-empty list of one per prompt", value=value)
+        checked = []
         for i, v in enumerate(value):
             try:
-                check(v)
+                checked.append(check(v))
             except ParameterError as e:
                 raise ParameterError(name, e.reason, value=v, index=i) from None
-        return [check(v) for v in value]
+        return checked
     return check(value)
 
 
