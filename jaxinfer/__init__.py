@@ -25,6 +25,7 @@ _EXPORTS = {
     "PagePoolExhausted": "jaxinfer.page_allocator",
     "ParameterError": "jaxinfer.errors",
     "RopeScaling": "jaxinfer.config",
+    "Runtime": "jaxinfer.runtime",
     "SamplingParams": "jaxinfer.sampling_params",
     "StreamChunk": "jaxinfer.generate",
     "compilation_cache_dir": "jaxinfer.compilation_cache",

@@ -1,37 +1,59 @@
 """Attention over the paged KV cache: one entry point for prefill chunks and decode steps.
 
-Backends: "reference" (plain jnp, float32: `pallas_kernels.reference`, what every kernel is checked against),
-"pallas" (the generic pallas_call kernels of pallas_kernels/: flash attention for chunks of T > 1 queries, paged
-decode attention for T = 1; Triton lowering on GPU) and "pallas-interpret" (the same kernels through the Pallas
-interpreter: CPU tests). None picks DEFAULT_BACKEND for the platform.
+Backends:
+- "xla" (the default on every platform): `jaxinfer.xla_attention.blocked_attention`, plain XLA ops that read
+  only the key blocks a query can see, flash-style, so a chunk of a long prompt never scores the padded context.
+- "reference": `pallas_kernels.reference`, the gather-every-page float32 reference every backend is checked
+  against; slow, simple enough to trust.
+- "pallas": the generic pallas_call kernels of pallas_kernels/ (flash attention for chunks of T > 1 queries,
+  paged decode attention for T = 1; Triton lowering on GPU); "pallas-interpret": the same kernels through the
+  Pallas interpreter (CPU tests).
+None picks DEFAULT_BACKEND for the platform.
 """
 
 from __future__ import annotations
 
 import jax
 
+from jaxinfer.xla_attention import blocked_attention
 from pallas_kernels.reference import attention_reference
 
-BACKENDS = ("reference", "pallas", "pallas-interpret")
+BACKENDS = ("xla", "reference", "pallas", "pallas-interpret")
 # The kernels have run only in interpret mode so far (no GPU was lent to the sessions that wrote them), so
-# every platform defaults to the reference; make "gpu" -> "pallas" once they are checked compiled on a GPU.
-DEFAULT_BACKEND = {"gpu": "reference"}
+# every platform defaults to plain XLA; make "gpu" -> "pallas" once they are checked compiled on a GPU.
+DEFAULT_BACKEND: dict[str, str] = {}
+FALLBACK_BACKEND = "xla"
 
 
-def attention(q, k_pages, v_pages, page_table, q_positions, kv_lengths, *, sliding_window=None, backend=None):
-    """q [B, T, N, H] at q_positions [B, T] attends to the first kv_lengths [B] cached positions -> [B, T, N, H]."""
-    backend = backend or DEFAULT_BACKEND.get(jax.default_backend(), "reference")
+def resolve_backend(backend: str | None) -> str:
+    """None -> the platform's default; anything else is checked against BACKENDS."""
+    backend = backend or DEFAULT_BACKEND.get(jax.default_backend(), FALLBACK_BACKEND)
     if backend not in BACKENDS:
         raise ValueError(f"attention backend={backend!r} must be one of {BACKENDS}")
+    return backend
+
+
+def attention(
+    q, k_pages, v_pages, page_table, q_positions, kv_lengths, *, sliding_window=None, backend=None, layer=None
+):
+    """q [B, T, N, H] at q_positions [B, T] attends to the first kv_lengths [B] cached positions -> [B, T, N, H].
+
+    k_pages, v_pages: [K, P, page_size, H], or the stacked [L, K, P, page_size, H] with `layer` the index to read
+    (traced inside the decoder's layer scan)."""
+    backend = resolve_backend(backend)
+    args = (q, k_pages, v_pages, page_table, q_positions, kv_lengths)
+    if backend == "xla":
+        return blocked_attention(*args, sliding_window=sliding_window, layer=layer)
     if backend == "reference":
-        return attention_reference(
-            q, k_pages, v_pages, page_table, q_positions, kv_lengths, sliding_window=sliding_window
-        )
-    # Imported here: loading Pallas costs ~0.6 s at start-up, which the reference backend (every platform's
-    # default today) does not need.
+        return attention_reference(*args, sliding_window=sliding_window, layer=layer)
+    # Imported here: loading Pallas costs ~0.6 s at start-up, which the default backend does not need.
     from pallas_kernels.flash_attention import flash_attention
     from pallas_kernels.paged_attention import paged_attention
 
+    if layer is not None:
+        # The kernels take one layer's pool: this slice is a copy of that layer's pages per step (a pallas_call's
+        # operands are materialised). Passing the layer as a scalar-prefetch index is the kernels' next change.
+        k_pages, v_pages = k_pages[layer], v_pages[layer]
     interpret = backend == "pallas-interpret"
     if q.shape[1] == 1:  # decode: one query per sequence
         o = paged_attention(

@@ -1,7 +1,10 @@
-"""prefill, decode_step and the whole decode loop inside one jit; the host-side `generate` and `score`.
+"""The host-side batch API over the compiled steps (jaxinfer/steps.py): `generate`, `generate_stream`, `score`.
 
-Shapes are bucketed (batch, prompt length and token budget to powers of two) so that a stream of
-requests compiles a handful of programs, not one per request.
+Shapes are bucketed so that a stream of requests compiles a handful of programs, not one per request: the batch
+to a power of two, the output width to a power of two >= 16, the cache's capacity per sequence to a power of two
+>= 32, and the prompt to chunks: a prompt up to `prefill_chunk` tokens is one chunk (its length bucketed to a
+power of two >= 16, at most the chunk), a longer one is prefilled chunk by chunk into the paged cache with the
+one program of chunk length, whatever the prompt's length.
 """
 
 from __future__ import annotations
@@ -15,16 +18,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import attention as attention_lib
-from jaxinfer import kv_cache, sharding
+from jaxinfer import kv_cache, sharding, steps
 from jaxinfer import sampling as sampling_lib
 from jaxinfer.errors import ParameterError, is_int
 from jaxinfer.page_allocator import PageAllocator
+from jaxinfer.runtime import Runtime
 from jaxinfer.sampling_params import INT32_MAX, check_seed
 
 MIN_PROMPT_BUCKET = 16
 MIN_NEW_TOKENS_BUCKET = 16
+MIN_CAPACITY_BUCKET = 32
 MIN_STOP_IDS_BUCKET = 4
 DEFAULT_PAGE_SIZE = 16
+# Tokens per prefill call. 512 measured best of 256 / 512 / 1024 on the 2-core CPU (profiles/README.md): longer
+# chunks amortise the weights' reads over more tokens, shorter ones bound the activations and the attention tile.
+DEFAULT_PREFILL_CHUNK = 512
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -32,148 +40,11 @@ def bucket(n: int, minimum: int = 1) -> int:
     return 1 << (max(n, minimum) - 1).bit_length()
 
 
-# ---------------------------------------------------------------------------------------------
-# Compiled steps. mesh: None runs unsharded; a jax.sharding.Mesh runs the model and sampling under shard_map
-# across its tp axis (jaxinfer.sharding), with the same results.
-
-
-def _prefill(params, cfg, tokens, positions, cache, seq_ids, attention_backend=None, mesh=None):
-    """tokens [B, T] right-padded (positions -1) -> (logits of each row's last real token [B, V], cache)."""
-    hidden, cache = sharding.forward_hidden(mesh, params, cfg, tokens, positions, cache, seq_ids, attention_backend)
-    last = jnp.argmax(positions, axis=1)  # [B]: the highest position is the last real token
-    h_last = hidden[jnp.arange(tokens.shape[0]), last]  # [B, D]
-    return sharding.logits(mesh, params, cfg, h_last), cache
-
-
-def _decode_step(params, cfg, tokens, cache, seq_ids, active, attention_backend=None, mesh=None):
-    """tokens [B] -> (logits [B, V], cache); inactive rows write nothing and keep their length."""
-    positions = jnp.where(active, cache.lengths[seq_ids], -1)[:, None]  # [B, 1]
-    logits, cache = sharding.forward(mesh, params, cfg, tokens[:, None], positions, cache, seq_ids, attention_backend)
-    return logits[:, 0], cache
-
-
-_STATIC = ("cfg", "attention_backend", "mesh")
-prefill = jax.jit(_prefill, static_argnames=_STATIC, donate_argnames=("cache",))
-decode_step = jax.jit(_decode_step, static_argnames=_STATIC, donate_argnames=("cache",))
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class RowSettings:
-    """Per-row constants of a decode: which cache sequence, how to sample, when to stop."""
-
-    seq_ids: jax.Array  # [B] int32: row b reads and writes cache sequence seq_ids[b]
-    sampling: sampling_lib.SamplingArrays  # [B] each
-    keys: jax.Array  # [B] per-row PRNG keys
-    stop_ids: jax.Array  # [B, S] int32, -1 padded
-    limits: jax.Array  # [B] int32 max new tokens; 0 for padding rows
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class DecodeState:
-    step: jax.Array  # [] int32: tokens emitted so far by the longest-running row
-    last: jax.Array  # [B] int32: each row's newest token
-    tokens: jax.Array  # [B, M] int32 output buffer
-    num_tokens: jax.Array  # [B] int32
-    stopped: jax.Array  # [B] bool: ended on a stop token
-    done: jax.Array  # [B] bool: stopped or at its token limit
-    seen: jax.Array  # [B, V] bool: tokens in prompt or output (repetition penalty)
-    cache: kv_cache.KVCache
-
-
-def _emit(state: DecodeState, logits, rows: RowSettings, mesh=None) -> DecodeState:
-    """Sample one token per row from logits [B, V] and append it where the row is still running."""
-    B = logits.shape[0]
-    keys = sampling_lib.step_keys(rows.keys, state.step)
-    tok = sharding.sample(mesh, logits, rows.sampling, keys, state.seen)  # [B]
-    active = ~state.done
-    tok = jnp.where(active, tok, 0)
-    num_tokens = state.num_tokens + active
-    stopped = state.stopped | (active & jnp.any(tok[:, None] == rows.stop_ids, axis=1))
-    return dataclasses.replace(
-        state,
-        step=state.step + 1,
-        last=tok,
-        tokens=state.tokens.at[:, state.step].set(tok),
-        num_tokens=num_tokens,
-        stopped=stopped,
-        done=state.done | stopped | (num_tokens >= rows.limits),
-        seen=state.seen.at[jnp.arange(B), tok].max(active),
-    )
-
-
-def _start_decode(first_logits, cache, rows: RowSettings, seen, *, max_new_tokens: int, mesh=None) -> DecodeState:
-    """The first token, sampled from prefill's logits [B, V]; M = max_new_tokens is the output buffer's width."""
-    B = first_logits.shape[0]
-    state = DecodeState(
-        step=jnp.zeros((), jnp.int32),
-        last=jnp.zeros((B,), jnp.int32),
-        tokens=jnp.zeros((B, max_new_tokens), jnp.int32),
-        num_tokens=jnp.zeros((B,), jnp.int32),
-        stopped=jnp.zeros((B,), bool),
-        done=rows.limits <= 0,
-        seen=seen,
-        cache=cache,
-    )
-    return _emit(state, first_logits, rows, mesh)
-
-
-def _continue_decode(params, cfg, state: DecodeState, rows: RowSettings, until, attention_backend=None, mesh=None):
-    """Decode until step `until` (may be traced) or until every row is done: one while_loop."""
-    max_steps = jnp.minimum(until, state.tokens.shape[1])
-
-    def cond(state):
-        return (state.step < max_steps) & ~jnp.all(state.done)
-
-    def body(state):
-        logits, cache = _decode_step(
-            params, cfg, state.last, state.cache, rows.seq_ids, ~state.done, attention_backend, mesh
-        )
-        return _emit(dataclasses.replace(state, cache=cache), logits, rows, mesh)
-
-    return jax.lax.while_loop(cond, body, state)
-
-
-def _generate_loop(
-    params, cfg, first_logits, cache, rows, seen, *, max_new_tokens: int, attention_backend=None, mesh=None
-):
-    """Sample, then decode until every row has hit a stop token or its limit: the whole loop in one program."""
-    state = _start_decode(first_logits, cache, rows, seen, max_new_tokens=max_new_tokens, mesh=mesh)
-    return _continue_decode(params, cfg, state, rows, max_new_tokens, attention_backend, mesh)
-
-
-generate_loop = jax.jit(_generate_loop, static_argnames=(*_STATIC, "max_new_tokens"), donate_argnames=("cache",))
-
-
-def _progress(state: DecodeState) -> tuple[jax.Array, ...]:
-    """Copies of what a streaming host reads (tokens [B, M], num_tokens, done, stopped): buffers of their own,
-    so the host can read them while the next chunk, which consumes (donates) the state, already runs."""
-    return tuple(jnp.copy(x) for x in (state.tokens, state.num_tokens, state.done, state.stopped))
-
-
-def _start_decode_streaming(first_logits, cache, rows, seen, *, max_new_tokens, mesh=None):
-    state = _start_decode(first_logits, cache, rows, seen, max_new_tokens=max_new_tokens, mesh=mesh)
-    return state, _progress(state)
-
-
-def _continue_decode_streaming(params, cfg, state, rows, until, attention_backend=None, mesh=None):
-    state = _continue_decode(params, cfg, state, rows, until, attention_backend, mesh)
-    return state, _progress(state)
-
-
-# Streaming runs the same loop in chunks: start once, then continue to step 9, 17, ... with one compiled program.
-start_decode = jax.jit(
-    _start_decode_streaming, static_argnames=("max_new_tokens", "mesh"), donate_argnames=("cache",)
-)
-continue_decode = jax.jit(_continue_decode_streaming, static_argnames=_STATIC, donate_argnames=("state",))
-
-
-def _score(params, cfg, tokens, positions, cache, seq_ids, attention_backend=None, mesh=None):
-    return sharding.forward(mesh, params, cfg, tokens, positions, cache, seq_ids, attention_backend)
-
-
-score_forward = jax.jit(_score, static_argnames=_STATIC, donate_argnames=("cache",))
+def prompt_chunks(longest_prompt: int, prefill_chunk: int) -> tuple[int, int]:
+    """-> (T, n): prompts of up to longest_prompt tokens are prefilled in n calls of T tokens each."""
+    if longest_prompt <= prefill_chunk:
+        return min(bucket(longest_prompt, MIN_PROMPT_BUCKET), prefill_chunk), 1
+    return prefill_chunk, -(-longest_prompt // prefill_chunk)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,6 +175,11 @@ def _check_attention_backend(attention_backend) -> None:
         raise ParameterError("attention_backend", f"must be one of {attention_lib.BACKENDS}", value=attention_backend)
 
 
+def _runtime(model_, attention_backend) -> Runtime:
+    _check_attention_backend(attention_backend)
+    return Runtime(attention_backend=attention_backend, mesh=model_.mesh)
+
+
 def _padded_batch(token_lists: list[list[int]], batch: int, length: int) -> tuple[np.ndarray, np.ndarray]:
     """-> tokens [batch, length] and positions [batch, length] (-1 on padding)."""
     tokens = np.zeros((batch, length), np.int32)
@@ -352,29 +228,58 @@ class _Request:
     sampling: list[sampling_lib.SamplingParams]
     seed: int | list[int]  # one for the batch (row i: keys from (seed, i)), or one per prompt (keys from (seed_i, 0))
     max_new_tokens: list[int]  # per prompt
-    prompt_bucket: int  # T: the padded prompt length
+    chunk: int  # T: tokens per prefill call
+    num_chunks: int  # prefill calls: the longest prompt is at most chunk * num_chunks tokens
     output_bucket: int  # M: the padded output width
     page_table: np.ndarray  # [B, pages_per_seq] int32, pages reserved for prompt + max_new_tokens
     num_pages: int
     page_size: int
-    attention_backend: str | None
+    runtime: Runtime
 
 
-def _check_request(model_, prompts, max_new_tokens, sampling, seed, page_size, num_pages, attention_backend):
+def _check_chunk(prefill_chunk) -> int:
+    if not (is_int(prefill_chunk) and 1 <= prefill_chunk <= INT32_MAX):
+        raise ParameterError("prefill_chunk", f"must be an int in [1, {INT32_MAX}]", value=prefill_chunk)
+    return int(prefill_chunk)
+
+
+def _check_request(
+    model_, prompts, max_new_tokens, sampling, seed, page_size, num_pages, attention_backend, prefill_chunk
+):
     seed = _one_or_per_prompt("seed", seed, check_seed)
     max_new_tokens = _one_or_per_prompt("max_new_tokens", max_new_tokens, lambda v: _check_count("max_new_tokens", v))
-    _check_attention_backend(attention_backend)
+    runtime = _runtime(model_, attention_backend)
+    prefill_chunk = _check_chunk(prefill_chunk)
     token_lists = _check_prompts(prompts, model_, max_new_tokens)
     n = len(token_lists)
     limits = _per_prompt("max_new_tokens", max_new_tokens, n)
     params_list = _sampling_list(sampling, n)
-    T = bucket(max(len(t) for t in token_lists), MIN_PROMPT_BUCKET)
+    T, num_chunks = prompt_chunks(max(len(t) for t in token_lists), prefill_chunk)
     M = bucket(max(limits), MIN_NEW_TOKENS_BUCKET)
     budgets = [len(t) + limit for t, limit in zip(token_lists, limits)]
-    page_table, num_pages = _reserve_pages(budgets, bucket(n), T + M, page_size, num_pages)
+    capacity = bucket(max(budgets), MIN_CAPACITY_BUCKET)
+    page_table, num_pages = _reserve_pages(budgets, bucket(n), capacity, page_size, num_pages)
     if isinstance(seed, list):
         seed = _per_prompt("seed", seed, n)
-    return _Request(token_lists, params_list, seed, limits, T, M, page_table, num_pages, page_size, attention_backend)
+    return _Request(
+        token_lists, params_list, seed, limits, T, num_chunks, M, page_table, num_pages, page_size, runtime
+    )
+
+
+def _prefill_chunks(model_, tokens, positions, cache, seq_ids, chunk: int, runtime: Runtime):
+    """tokens, positions [B, n * chunk] (host arrays) -> (each row's logits after its last prompt token [B, V], cache):
+    n calls of the one prefill program, in order."""
+    B = tokens.shape[0]
+    logits = jnp.zeros((B, model_.cfg.vocab_size), jnp.float32)
+    if runtime.mesh is not None:  # the layout prefill returns, so every chunk runs the same program
+        logits = jax.device_put(logits, sharding.vocab_split(runtime.mesh))
+    for start in range(0, tokens.shape[1], chunk):
+        window = slice(start, start + chunk)
+        logits, cache = steps.prefill(
+            model_.params, model_.cfg, tokens[:, window], positions[:, window], cache, seq_ids, logits,
+            runtime=runtime,
+        )
+    return logits, cache
 
 
 @dataclasses.dataclass
@@ -384,7 +289,7 @@ class _PrefilledBatch:
     num_prompts: int
     first_logits: jax.Array  # [B, V] float32
     cache: kv_cache.KVCache
-    rows: RowSettings
+    rows: steps.RowSettings
     seen: np.ndarray  # [B, V] bool
     max_new_tokens: int  # M: the bucketed output width
 
@@ -396,11 +301,9 @@ def _prefill_batch(model_, request: _Request) -> _PrefilledBatch:
     B = request.page_table.shape[0]
     cache = _device_cache(cfg, request.page_table, request.num_pages, request.page_size, model_.mesh)
 
-    tokens, positions = _padded_batch(token_lists, B, request.prompt_bucket)
+    tokens, positions = _padded_batch(token_lists, B, request.chunk * request.num_chunks)
     seq_ids = jnp.arange(B, dtype=jnp.int32)
-    logits, cache = prefill(
-        model_.params, cfg, tokens, positions, cache, seq_ids, request.attention_backend, model_.mesh
-    )
+    logits, cache = _prefill_chunks(model_, tokens, positions, cache, seq_ids, request.chunk, request.runtime)
 
     stops = [sorted(set(cfg.eos_token_ids) | set(p.stop_token_ids)) for p in request.sampling]
     stop_ids = np.full((B, bucket(max(map(len, stops), default=1), MIN_STOP_IDS_BUCKET)), -1, np.int32)
@@ -411,7 +314,7 @@ def _prefill_batch(model_, request: _Request) -> _PrefilledBatch:
     seen = np.zeros((B, cfg.vocab_size), bool)
     for i, ids in enumerate(token_lists):
         seen[i, ids] = True
-    rows = RowSettings(
+    rows = steps.RowSettings(
         seq_ids=seq_ids,
         sampling=sampling_lib.SamplingArrays.from_params(request.sampling, B),
         keys=sampling_lib.row_keys(request.seed, B),  # a list: each row's keys as if it ran alone
@@ -435,14 +338,19 @@ def generate(
     page_size: int = DEFAULT_PAGE_SIZE,
     num_pages: int | None = None,
     attention_backend: str | None = None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
 ) -> list[GenerationOutput]:
     """Generate for a ragged batch of prompts (a list of strings or token-id lists); row i samples with keys
-    derived from (seed, i). A bad argument raises ParameterError before any device work."""
-    request = _check_request(model_, prompts, max_new_tokens, sampling, seed, page_size, num_pages, attention_backend)
+    derived from (seed, i). A bad argument raises ParameterError before any device work.
+
+    prefill_chunk: prompts longer than this many tokens are prefilled chunk by chunk (the same tokens)."""
+    request = _check_request(
+        model_, prompts, max_new_tokens, sampling, seed, page_size, num_pages, attention_backend, prefill_chunk
+    )
     batch = _prefill_batch(model_, request)
-    state = generate_loop(
+    state = steps.generate_loop(
         model_.params, model_.cfg, batch.first_logits, batch.cache, batch.rows, batch.seen,
-        max_new_tokens=batch.max_new_tokens, attention_backend=attention_backend, mesh=model_.mesh,
+        max_new_tokens=batch.max_new_tokens, runtime=request.runtime,
     )
     out, num_out, stopped = np.asarray(state.tokens), np.asarray(state.num_tokens), np.asarray(state.stopped)
     results = []
@@ -470,6 +378,7 @@ def generate_stream(
     page_size: int = DEFAULT_PAGE_SIZE,
     num_pages: int | None = None,
     attention_backend: str | None = None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
 ) -> Iterator[StreamChunk]:
     """Like generate, but yields tokens as they come: the same loop run in compiled chunks of chunk_tokens steps.
 
@@ -477,22 +386,25 @@ def generate_stream(
     prefill and decoding happen on the first next().
     """
     chunk_tokens = _check_count("chunk_tokens", chunk_tokens)
-    request = _check_request(model_, prompts, max_new_tokens, sampling, seed, page_size, num_pages, attention_backend)
+    request = _check_request(
+        model_, prompts, max_new_tokens, sampling, seed, page_size, num_pages, attention_backend, prefill_chunk
+    )
     return _stream(model_, request, chunk_tokens)
 
 
 def _stream(model_, request: _Request, chunk_tokens: int) -> Iterator[StreamChunk]:
     batch = _prefill_batch(model_, request)
     n = batch.num_prompts
-    state, progress = start_decode(
-        batch.first_logits, batch.cache, batch.rows, batch.seen, max_new_tokens=batch.max_new_tokens, mesh=model_.mesh
+    state, progress = steps.start_decode(
+        batch.first_logits, batch.cache, batch.rows, batch.seen, max_new_tokens=batch.max_new_tokens,
+        runtime=request.runtime,
     )
     emitted = np.zeros((n,), np.int64)
     for until in itertools.count(1 + chunk_tokens, chunk_tokens):
         # Dispatch the next chunk before reading this one, so the device never waits for the host. Every active
         # row emits one token per step, so the step count (and `until`) is known without reading the device.
-        state, next_progress = continue_decode(
-            model_.params, model_.cfg, state, batch.rows, until, request.attention_backend, model_.mesh
+        state, next_progress = steps.continue_decode(
+            model_.params, model_.cfg, state, batch.rows, until, runtime=request.runtime
         )
         out, num_out, done, stopped = (np.asarray(x) for x in progress)
         yield StreamChunk(
@@ -504,11 +416,20 @@ def _stream(model_, request: _Request, chunk_tokens: int) -> Iterator[StreamChun
         emitted, progress = num_out[:n], next_progress
 
 
-def score(model_, token_ids, *, page_size: int = DEFAULT_PAGE_SIZE, attention_backend: str | None = None):
+def score(
+    model_,
+    token_ids,
+    *,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    attention_backend: str | None = None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+):
     """Logits at every position of one sequence (a str, or a list or 1-D array of token ids): np.ndarray [T, V]
-    float32. A bad argument raises ParameterError before any device work."""
+    float32, computed chunk by chunk as a prompt is prefilled. A bad argument raises ParameterError before any
+    device work."""
     cfg = model_.cfg
-    _check_attention_backend(attention_backend)
+    runtime = _runtime(model_, attention_backend)
+    prefill_chunk = _check_chunk(prefill_chunk)
     if isinstance(token_ids, (np.ndarray, jax.Array)) and np.ndim(token_ids) >= 2:
         raise ParameterError("token_ids", f"is a {np.ndim(token_ids)}-D array; score takes one sequence")
     is_list = isinstance(token_ids, Sequence) and not isinstance(token_ids, (str, bytes))
@@ -518,11 +439,16 @@ def score(model_, token_ids, *, page_size: int = DEFAULT_PAGE_SIZE, attention_ba
     if len(ids) > cfg.max_position_embeddings:
         reason = f"length {len(ids)} exceeds the model's context max_position_embeddings={cfg.max_position_embeddings}"
         raise ParameterError("token_ids", reason)
-    T = bucket(len(ids), MIN_PROMPT_BUCKET)
-    page_table, num_pages = _reserve_pages([len(ids)], 1, T, page_size, None)
+    T, num_chunks = prompt_chunks(len(ids), prefill_chunk)
+    page_table, num_pages = _reserve_pages([len(ids)], 1, bucket(len(ids), MIN_CAPACITY_BUCKET), page_size, None)
     cache = _device_cache(cfg, page_table, num_pages, page_size, model_.mesh)
-    tokens, positions = _padded_batch([ids], 1, T)
-    logits, _ = score_forward(
-        model_.params, cfg, tokens, positions, cache, jnp.zeros((1,), jnp.int32), attention_backend, model_.mesh
-    )
-    return np.asarray(logits[0, : len(ids)])
+    tokens, positions = _padded_batch([ids], 1, T * num_chunks)
+    seq_ids = jnp.zeros((1,), jnp.int32)
+    out = []
+    for start in range(0, T * num_chunks, T):
+        window = slice(start, start + T)
+        logits, cache = steps.forward_logits(
+            model_.params, cfg, tokens[:, window], positions[:, window], cache, seq_ids, runtime=runtime
+        )
+        out.append(np.asarray(logits[0]))
+    return np.concatenate(out)[: len(ids)]

@@ -1,6 +1,7 @@
 """The paged KV cache: a preallocated pytree passed into every step and returned updated (donated under jit).
 
-One pool of pages per layer; each sequence owns a row of the page table. Which pages a sequence gets is
+One pool of pages per layer, the layers stacked on a leading axis (the decoder scans over it); each sequence owns
+a row of the page table. Which pages a sequence gets is
 decided host side (jaxinfer/page_allocator.py); this file only writes K/V into the pool. Reads belong to
 attention: the reference gathers pages (`pallas_kernels.reference.gather_pages`), the kernels follow the table.
 """
@@ -18,18 +19,22 @@ from jaxinfer.config import ModelConfig
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    k_pages: tuple[jax.Array, ...]  # num_layers x [K, P, page_size, H]
-    v_pages: tuple[jax.Array, ...]  # num_layers x [K, P, page_size, H]
+    k_pages: jax.Array  # [L, K, P, page_size, H]
+    v_pages: jax.Array  # [L, K, P, page_size, H]
     page_table: jax.Array  # [max_seqs, pages_per_seq] int32: page of each block of page_size positions
     lengths: jax.Array  # [max_seqs] int32: tokens already written per sequence
 
     @property
+    def num_layers(self) -> int:
+        return self.k_pages.shape[0]
+
+    @property
     def num_pages(self) -> int:
-        return self.k_pages[0].shape[1]
+        return self.k_pages.shape[2]
 
     @property
     def page_size(self) -> int:
-        return self.k_pages[0].shape[2]
+        return self.k_pages.shape[3]
 
     @property
     def max_seqs(self) -> int:
@@ -48,11 +53,11 @@ def init_cache(
                         ("pages_per_seq", pages_per_seq)):
         if not (isinstance(value, int) and value > 0):
             raise ValueError(f"{name}={value!r} must be a positive int")
-    shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)  # [K, P, page_size, H]
+    shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)  # [L, K, P, page_size, H]
     dtype = dtype or cfg.jnp_dtype
     return KVCache(
-        k_pages=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-        v_pages=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+        k_pages=jnp.zeros(shape, dtype),
+        v_pages=jnp.zeros(shape, dtype),
         page_table=jnp.zeros((max_seqs, pages_per_seq), jnp.int32),
         lengths=jnp.zeros((max_seqs,), jnp.int32),
     )
@@ -70,16 +75,21 @@ def page_addresses(page_table: jax.Array, positions: jax.Array, num_pages: int, 
 
 
 def write(
-    k_pages: jax.Array,  # [K, P, page_size, H]
-    v_pages: jax.Array,  # [K, P, page_size, H]
+    k_pages: jax.Array,  # [L, K, P, page_size, H]
+    v_pages: jax.Array,  # [L, K, P, page_size, H]
     k: jax.Array,  # [B, T, K, H]
     v: jax.Array,  # [B, T, K, H]
     page_table: jax.Array,  # [B, pages_per_seq] rows of the sequences in this batch
     positions: jax.Array,  # [B, T], -1 for padding
+    layer: jax.Array | int,  # [] the layer whose pool is written (traced inside the layer scan)
 ) -> tuple[jax.Array, jax.Array]:
-    """Scatter this chunk's K/V into their (page, slot) addresses; padding writes nothing."""
-    _, num_pages, page_size, _ = k_pages.shape
+    """Scatter this chunk's K/V into layer `layer`'s (page, slot) addresses; padding writes nothing.
+
+    One scatter into the whole stacked pool (in place under donation), never a copy of the layer's slice."""
+    _, _, num_pages, page_size, _ = k_pages.shape
     page, slot = page_addresses(page_table, positions, num_pages, page_size)
-    k_pages = k_pages.at[:, page, slot].set(k.transpose(2, 0, 1, 3).astype(k_pages.dtype), mode="drop")
-    v_pages = v_pages.at[:, page, slot].set(v.transpose(2, 0, 1, 3).astype(v_pages.dtype), mode="drop")
+    # [layer, :, page, slot]: the scalar and the two [B, T] indices are split by a slice, so (numpy's rule) the
+    # indexed dims come first: the update is [B, T, K, H], k as it is.
+    k_pages = k_pages.at[layer, :, page, slot].set(k.astype(k_pages.dtype), mode="drop")
+    v_pages = v_pages.at[layer, :, page, slot].set(v.astype(v_pages.dtype), mode="drop")
     return k_pages, v_pages

@@ -1,7 +1,10 @@
-"""The whole decoder as pure functions: embed -> N x (norm, attention, norm, MLP) -> norm -> logits.
+"""The whole decoder as pure functions: embed -> L x (norm, attention, norm, MLP) -> norm -> logits.
+
+The L layers' weights are stacked on a leading layer axis (Layer's fields are [L, ...]), as is the KV cache, and
+the layers run as one `lax.scan` body: one layer traced and compiled once, whatever L is.
 
 Einsum letters: B batch, T query length, S key length, D d_model, F ffn, N q heads, K kv heads,
-G = N // K, H head_dim, V vocab.
+G = N // K, H head_dim, V vocab, L layers.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import numpy as np
 from jaxinfer import attention as attn
 from jaxinfer import kv_cache
 from jaxinfer.config import ModelConfig
+from jaxinfer.runtime import DEFAULT as DEFAULT_RUNTIME
+from jaxinfer.runtime import Runtime
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +35,9 @@ class TensorSpec:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Layer:
+    """One decoder layer's weights; in Params every field carries a leading [L] axis (all layers stacked), and
+    the scan body sees one layer's slice, the shapes below."""
+
     attn_norm: jax.Array  # [D]
     wq: jax.Array  # [D, N, H]
     wk: jax.Array  # [D, K, H]
@@ -48,35 +56,40 @@ class Layer:
 @dataclasses.dataclass
 class Params:
     embed: jax.Array  # [V, D]
-    layers: tuple[Layer, ...]  # num_layers
+    layers: Layer  # every field stacked: [L, ...]
     final_norm: jax.Array  # [D]
     lm_head: jax.Array | None  # [D, V]; None when tied to embed
 
 
-def param_specs(cfg: ModelConfig) -> Params:
-    """The Params pytree with a TensorSpec at every leaf."""
-    D, F, N, K, H, V = cfg.d_model, cfg.ffn_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
-    bias = cfg.qkv_bias
+def layer_slice(layers: Layer, i) -> Layer:
+    """Layer i's weights out of the stacked Layer (i an int or a traced index)."""
+    return jax.tree.map(lambda w: w[i], layers)
 
-    def layer() -> Layer:
-        return Layer(
-            attn_norm=TensorSpec((D,), ("embed",), "ones"),
-            wq=TensorSpec((D, N, H), ("embed", "heads", "head_dim")),
-            wk=TensorSpec((D, K, H), ("embed", "kv_heads", "head_dim")),
-            wv=TensorSpec((D, K, H), ("embed", "kv_heads", "head_dim")),
-            bq=TensorSpec((N, H), ("heads", "head_dim")) if bias else None,
-            bk=TensorSpec((K, H), ("kv_heads", "head_dim")) if bias else None,
-            bv=TensorSpec((K, H), ("kv_heads", "head_dim")) if bias else None,
-            wo=TensorSpec((N, H, D), ("heads", "head_dim", "embed")),
-            mlp_norm=TensorSpec((D,), ("embed",), "ones"),
-            w_gate=TensorSpec((D, F), ("embed", "ffn")),
-            w_up=TensorSpec((D, F), ("embed", "ffn")),
-            w_down=TensorSpec((F, D), ("ffn", "embed")),
-        )
+
+def param_specs(cfg: ModelConfig) -> Params:
+    """The Params pytree with a TensorSpec at every leaf; layer weights [L, ...] on the logical axis "layers"."""
+    D, F, N, K, H, V = cfg.d_model, cfg.ffn_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
+    L, bias = cfg.num_layers, cfg.qkv_bias
+
+    def stacked(shape, axes, init="normal") -> TensorSpec:
+        return TensorSpec((L, *shape), ("layers", *axes), init)
 
     return Params(
         embed=TensorSpec((V, D), ("vocab", "embed")),
-        layers=tuple(layer() for _ in range(cfg.num_layers)),
+        layers=Layer(
+            attn_norm=stacked((D,), ("embed",), "ones"),
+            wq=stacked((D, N, H), ("embed", "heads", "head_dim")),
+            wk=stacked((D, K, H), ("embed", "kv_heads", "head_dim")),
+            wv=stacked((D, K, H), ("embed", "kv_heads", "head_dim")),
+            bq=stacked((N, H), ("heads", "head_dim")) if bias else None,
+            bk=stacked((K, H), ("kv_heads", "head_dim")) if bias else None,
+            bv=stacked((K, H), ("kv_heads", "head_dim")) if bias else None,
+            wo=stacked((N, H, D), ("heads", "head_dim", "embed")),
+            mlp_norm=stacked((D,), ("embed",), "ones"),
+            w_gate=stacked((D, F), ("embed", "ffn")),
+            w_up=stacked((D, F), ("embed", "ffn")),
+            w_down=stacked((F, D), ("ffn", "embed")),
+        ),
         final_norm=TensorSpec((D,), ("embed",), "ones"),
         lm_head=None if cfg.tie_embeddings else TensorSpec((D, V), ("embed", "vocab")),
     )
@@ -181,8 +194,9 @@ def all_reduce(x: jax.Array, tp_axis: str | None) -> jax.Array:
     return x if tp_axis is None else jax.lax.psum(x, tp_axis)
 
 
-def attention_block(layer, cfg, x, positions, inv_freq, k_pages, v_pages, page_table, kv_lengths, backend):
-    """x [B, T, D] -> ([B, T, D], k_pages, v_pages): project, rotate, write the cache, attend, project out."""
+def attention_block(layer, cfg, x, positions, inv_freq, k_pages, v_pages, page_table, kv_lengths, index, backend):
+    """x [B, T, D] -> ([B, T, D], k_pages, v_pages): project, rotate, write layer `index` of the stacked cache
+    [L, K, P, page_size, H], attend, project out."""
     q = jnp.einsum("BTD,DNH->BTNH", x, layer.wq)
     k = jnp.einsum("BTD,DKH->BTKH", x, layer.wk)
     v = jnp.einsum("BTD,DKH->BTKH", x, layer.wv)
@@ -190,14 +204,29 @@ def attention_block(layer, cfg, x, positions, inv_freq, k_pages, v_pages, page_t
         q, k, v = q + layer.bq, k + layer.bk, v + layer.bv
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
-    k_pages, v_pages = kv_cache.write(k_pages, v_pages, k, v, page_table, positions)
+    k_pages, v_pages = kv_cache.write(k_pages, v_pages, k, v, page_table, positions, index)
     o = attn.attention(
-        q, k_pages, v_pages, page_table, positions, kv_lengths, sliding_window=cfg.sliding_window, backend=backend
+        q, k_pages, v_pages, page_table, positions, kv_lengths, sliding_window=cfg.sliding_window, backend=backend,
+        layer=index,
     )  # [B, T, N, H]
     B, T, N, H = o.shape
     # One [B, T, N*H] x [N*H, D] matmul: contracting (N, H) as two dims made XLA:CPU transpose-copy wo every step.
     out = jnp.einsum("BTE,ED->BTD", o.reshape(B, T, N * H), layer.wo.reshape(N * H, -1))
     return out, k_pages, v_pages
+
+
+def decoder_layer(layer, cfg, x, k_pages, v_pages, index, *, positions, inv_freq, page_table, kv_lengths,
+                  backend, tp_axis):
+    """One layer: x [B, T, D] -> x [B, T, D], with this chunk's K/V written into layer `index` of the cache."""
+    with jax.named_scope("attention"):
+        h = rms_norm(x, layer.attn_norm, cfg.norm_eps)
+        h, k_pages, v_pages = attention_block(
+            layer, cfg, h, positions, inv_freq, k_pages, v_pages, page_table, kv_lengths, index, backend
+        )
+        x = x + all_reduce(h, tp_axis)
+    with jax.named_scope("mlp"):
+        x = x + all_reduce(mlp(layer, rms_norm(x, layer.mlp_norm, cfg.norm_eps)), tp_axis)
+    return x, k_pages, v_pages
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,35 +240,47 @@ def forward_hidden(
     positions: jax.Array,  # [B, T] int32 absolute positions; -1 marks padding (not written, not attended)
     cache: kv_cache.KVCache,
     seq_ids: jax.Array,  # [B] int32: row b reads and writes cache sequence seq_ids[b]
-    attention_backend: str | None = None,
+    *,
+    runtime: Runtime = DEFAULT_RUNTIME,
     tp_axis: str | None = None,
 ) -> tuple[jax.Array, kv_cache.KVCache]:
     """-> (final-normed hidden states [B, T, D], cache with this chunk's K/V written).
 
-    tp_axis: inside shard_map (jaxinfer.sharding), the mesh axis the heads, F and V are split over; params and
-    cache are then this device's shards, and each layer ends its attention and its MLP with one psum.
+    runtime: the attention backend and whether the layers are scanned or unrolled (runtime.mesh is
+    jaxinfer.sharding's business: it calls this function inside shard_map).
+    tp_axis: inside shard_map, the mesh axis the heads, F and V are split over; params and cache are then this
+    device's shards, and each layer ends its attention and its MLP with one psum.
     """
     page_table = cache.page_table[seq_ids]  # [B, pages_per_seq]
     kv_lengths = jnp.maximum(cache.lengths[seq_ids], jnp.max(positions, axis=1) + 1)  # [B]
-    inv_freq = rope_inv_freq(cfg)  # [H // 2]
+    layer_args = dict(
+        positions=positions, inv_freq=rope_inv_freq(cfg), page_table=page_table, kv_lengths=kv_lengths,
+        backend=runtime.attention_backend, tp_axis=tp_axis,
+    )
     with jax.named_scope("embed"):
         x = embed_lookup(params.embed, tokens, tp_axis)  # [B, T, D]
-    k_pages, v_pages = list(cache.k_pages), list(cache.v_pages)
-    for i, layer in enumerate(params.layers):
-        with jax.named_scope(f"layer_{i}"):
-            with jax.named_scope("attention"):
-                h = rms_norm(x, layer.attn_norm, cfg.norm_eps)
-                h, k_pages[i], v_pages[i] = attention_block(
-                    layer, cfg, h, positions, inv_freq, k_pages[i], v_pages[i], page_table, kv_lengths,
-                    attention_backend,
+    k_pages, v_pages = cache.k_pages, cache.v_pages  # [L, K, P, page_size, H]
+    if runtime.unroll_layers:
+        for i in range(cfg.num_layers):
+            with jax.named_scope(f"layer_{i}"):
+                x, k_pages, v_pages = decoder_layer(
+                    layer_slice(params.layers, i), cfg, x, k_pages, v_pages, i, **layer_args
                 )
-                x = x + all_reduce(h, tp_axis)
-            with jax.named_scope("mlp"):
-                x = x + all_reduce(mlp(layer, rms_norm(x, layer.mlp_norm, cfg.norm_eps)), tp_axis)
+    else:
+        # The whole stacked cache is carried (the scatter of each layer's K/V into it is in place); the weights are
+        # scanned over, layer i's slice in the body. In a trace, each iteration of the scan's while loop is a layer.
+        def body(carry, layer_and_index):
+            x, k_pages, v_pages = carry
+            layer, i = layer_and_index
+            with jax.named_scope("layer"):
+                return decoder_layer(layer, cfg, x, k_pages, v_pages, i, **layer_args), None
+
+        indices = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (x, k_pages, v_pages), _ = jax.lax.scan(body, (x, k_pages, v_pages), (params.layers, indices))
     x = rms_norm(x, params.final_norm, cfg.norm_eps)
     cache = kv_cache.KVCache(
-        k_pages=tuple(k_pages),
-        v_pages=tuple(v_pages),
+        k_pages=k_pages,
+        v_pages=v_pages,
         page_table=cache.page_table,
         lengths=cache.lengths.at[seq_ids].set(kv_lengths),
     )
@@ -254,7 +295,7 @@ def logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
         return jnp.einsum("...D,DV->...V", hidden, params.lm_head, preferred_element_type=jnp.float32)
 
 
-def forward(params, cfg, tokens, positions, cache, seq_ids, attention_backend=None):
+def forward(params, cfg, tokens, positions, cache, seq_ids, *, runtime: Runtime = DEFAULT_RUNTIME):
     """tokens [B, T] -> (logits [B, T, V] float32, cache). See forward_hidden for the arguments."""
-    hidden, cache = forward_hidden(params, cfg, tokens, positions, cache, seq_ids, attention_backend)
+    hidden, cache = forward_hidden(params, cfg, tokens, positions, cache, seq_ids, runtime=runtime)
     return logits(params, cfg, hidden), cache

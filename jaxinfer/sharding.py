@@ -36,11 +36,14 @@ from jax.sharding import PartitionSpec as P
 from jaxinfer import kv_cache, model
 from jaxinfer import sampling as sampling_lib
 from jaxinfer.config import ModelConfig
+from jaxinfer.runtime import DEFAULT as DEFAULT_RUNTIME
+from jaxinfer.runtime import Runtime
 
 DP, TP = "dp", "tp"
 
 # Logical axis -> mesh axis (None: replicated). The one table: model code names only the left column.
 RULES: dict[str, str | None] = {
+    "layers": None,  # the stacked layer axis the decoder scans over: every device holds every layer
     "vocab": TP,
     "embed": None,
     "heads": TP,
@@ -51,7 +54,7 @@ RULES: dict[str, str | None] = {
     "pages": None,
     "page_slots": None,
 }
-CACHE_PAGE_AXES = ("cache_kv_heads", "pages", "page_slots", "head_dim")  # k_pages / v_pages [K, P, page_size, H]
+CACHE_PAGE_AXES = ("layers", "cache_kv_heads", "pages", "page_slots", "head_dim")  # k/v_pages [L, K, P, page_size, H]
 
 
 def make_mesh(tensor_parallel: int, devices=None) -> Mesh:
@@ -110,14 +113,19 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh) -> model.Params:
     return jax.tree.map(lambda p: NamedSharding(mesh, p), param_pspecs(cfg, tp_size(mesh)))
 
 
-def _cache_pspecs(num_layers: int) -> kv_cache.KVCache:
+def _cache_pspecs() -> kv_cache.KVCache:
     pages = P(*(RULES[a] for a in CACHE_PAGE_AXES))
-    return kv_cache.KVCache(k_pages=(pages,) * num_layers, v_pages=(pages,) * num_layers, page_table=P(), lengths=P())
+    return kv_cache.KVCache(k_pages=pages, v_pages=pages, page_table=P(), lengths=P())
 
 
-def cache_shardings(cfg: ModelConfig, mesh: Mesh) -> kv_cache.KVCache:
+def cache_shardings(mesh: Mesh) -> kv_cache.KVCache:
     """The KVCache pytree with a NamedSharding at every leaf: pages split by kv head, page table replicated."""
-    return jax.tree.map(lambda p: NamedSharding(mesh, p), _cache_pspecs(cfg.num_layers))
+    return jax.tree.map(lambda p: NamedSharding(mesh, p), _cache_pspecs())
+
+
+def vocab_split(mesh: Mesh) -> NamedSharding:
+    """[B, V] arrays split over the vocabulary, as logits come out of `logits` on a mesh."""
+    return NamedSharding(mesh, P(None, TP))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +151,7 @@ def init_cache(cfg: ModelConfig, mesh: Mesh, **sizes) -> kv_cache.KVCache:
 @functools.lru_cache(maxsize=32)
 def _cache_initializer(cfg: ModelConfig, mesh: Mesh, sizes: tuple):
     stored = cfg.replace(num_kv_heads=cache_kv_heads(cfg, tp_size(mesh)))
-    return jax.jit(lambda: kv_cache.init_cache(stored, **dict(sizes)), out_shardings=cache_shardings(cfg, mesh))
+    return jax.jit(lambda: kv_cache.init_cache(stored, **dict(sizes)), out_shardings=cache_shardings(mesh))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,28 +161,24 @@ def _cache_initializer(cfg: ModelConfig, mesh: Mesh, sizes: tuple):
 def _local_params(params: model.Params, cfg: ModelConfig, tp: int) -> model.Params:
     """Inside shard_map: check the local shapes; with kv_heads < tp keep only the kv head this device's q heads read."""
     D, F, N, K, H, V = cfg.d_model, cfg.ffn_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
+    L, layer = cfg.num_layers, params.layers  # every layer field stacked: [L, ...]
     assert params.embed.shape == (V // tp, D), params.embed.shape
     assert params.lm_head is None or params.lm_head.shape == (D, V // tp), params.lm_head.shape
-    if K >= tp:
-        own = None
-    else:  # device d serves q heads [d N/tp, (d+1) N/tp): all read kv head d // (tp // K)
+    assert layer.wq.shape == (L, D, N // tp, H), layer.wq.shape
+    assert layer.wo.shape == (L, N // tp, H, D), layer.wo.shape
+    assert layer.w_gate.shape == layer.w_up.shape == (L, D, F // tp) and layer.w_down.shape == (L, F // tp, D)
+    if K < tp:  # device d serves q heads [d N/tp, (d+1) N/tp): all read kv head d // (tp // K)
+        assert layer.wk.shape == (L, D, K, H), layer.wk.shape
         own = jax.lax.axis_index(TP) // (tp // K)
-    layers = []
-    for layer in params.layers:
-        assert layer.wq.shape == (D, N // tp, H) and layer.wo.shape == (N // tp, H, D), (layer.wq.shape, layer.wo.shape)
-        assert layer.w_gate.shape == layer.w_up.shape == (D, F // tp) and layer.w_down.shape == (F // tp, D)
-        if own is not None:
-            assert layer.wk.shape == (D, K, H), layer.wk.shape
 
-            def take(w, axis):
-                return None if w is None else jax.lax.dynamic_slice_in_dim(w, own, 1, axis)
+        def take(w, axis):
+            return None if w is None else jax.lax.dynamic_slice_in_dim(w, own, 1, axis)
 
-            layer = dataclasses.replace(
-                layer, wk=take(layer.wk, 1), wv=take(layer.wv, 1), bk=take(layer.bk, 0), bv=take(layer.bv, 0)
-            )
-        assert layer.wk.shape == (D, max(K // tp, 1), H), layer.wk.shape
-        layers.append(layer)
-    return dataclasses.replace(params, layers=tuple(layers))
+        layer = dataclasses.replace(
+            layer, wk=take(layer.wk, 2), wv=take(layer.wv, 2), bk=take(layer.bk, 1), bv=take(layer.bv, 1)
+        )
+    assert layer.wk.shape == (L, D, max(K // tp, 1), H), layer.wk.shape
+    return dataclasses.replace(params, layers=layer)
 
 
 def _collective_axis(mesh: Mesh) -> str | None:
@@ -182,19 +186,20 @@ def _collective_axis(mesh: Mesh) -> str | None:
     return TP if tp_size(mesh) > 1 else None
 
 
-def forward_hidden(mesh, params, cfg, tokens, positions, cache, seq_ids, attention_backend=None):
-    """model.forward_hidden, run on each device's shard of params and cache when mesh is not None."""
+def forward_hidden(params, cfg, tokens, positions, cache, seq_ids, *, runtime: Runtime = DEFAULT_RUNTIME):
+    """model.forward_hidden, run on each device's shard of params and cache when runtime.mesh is not None."""
+    mesh = runtime.mesh
     if mesh is None:
-        return model.forward_hidden(params, cfg, tokens, positions, cache, seq_ids, attention_backend)
+        return model.forward_hidden(params, cfg, tokens, positions, cache, seq_ids, runtime=runtime)
     tp = tp_size(mesh)
 
     def local(params, tokens, positions, cache, seq_ids):
         return model.forward_hidden(
-            _local_params(params, cfg, tp), cfg, tokens, positions, cache, seq_ids, attention_backend,
+            _local_params(params, cfg, tp), cfg, tokens, positions, cache, seq_ids, runtime=runtime,
             tp_axis=_collective_axis(mesh),
         )
 
-    cache_specs = _cache_pspecs(cfg.num_layers)
+    cache_specs = _cache_pspecs()
     return jax.shard_map(
         local,
         mesh=mesh,
@@ -204,7 +209,7 @@ def forward_hidden(mesh, params, cfg, tokens, positions, cache, seq_ids, attenti
     )(params, tokens, positions, cache, seq_ids)
 
 
-def logits(mesh, params, cfg, hidden):
+def logits(params, cfg, hidden, *, mesh: Mesh | None = None):
     """model.logits: hidden [..., D] -> [..., V] float32, split over the vocabulary (never gathered) on a mesh."""
     if mesh is None:
         return model.logits(params, cfg, hidden)
@@ -217,13 +222,13 @@ def logits(mesh, params, cfg, hidden):
     )(params, hidden)
 
 
-def forward(mesh, params, cfg, tokens, positions, cache, seq_ids, attention_backend=None):
-    """model.forward on a mesh: tokens [B, T] -> (logits [B, T, V] float32 split over V, cache)."""
-    hidden, cache = forward_hidden(mesh, params, cfg, tokens, positions, cache, seq_ids, attention_backend)
-    return logits(mesh, params, cfg, hidden), cache
+def forward(params, cfg, tokens, positions, cache, seq_ids, *, runtime: Runtime = DEFAULT_RUNTIME):
+    """model.forward on runtime's mesh: tokens [B, T] -> (logits [B, T, V] float32 split over V, cache)."""
+    hidden, cache = forward_hidden(params, cfg, tokens, positions, cache, seq_ids, runtime=runtime)
+    return logits(params, cfg, hidden, mesh=runtime.mesh), cache
 
 
-def sample(mesh, logits, arrays, keys, seen):
+def sample(logits, arrays, keys, seen, *, mesh: Mesh | None = None):
     """sampling.sample on vocab-split logits [B, V] and seen [B, V]: one token per row, the same on every device."""
     if mesh is None:
         return sampling_lib.sample(logits, arrays, keys, seen)

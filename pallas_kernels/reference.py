@@ -15,14 +15,19 @@ import jax.numpy as jnp
 _MASKED = -1e30  # finite, so a row with no visible key gives zeros instead of NaN
 
 
-def gather_pages(pages: jax.Array, page_table: jax.Array) -> jax.Array:
-    """pages [K, P, page_size, H], page_table [B, pages_per_seq] -> contiguous [B, K, S, H].
+def gather_pages(pages: jax.Array, page_table: jax.Array, layer=None) -> jax.Array:
+    """pages [K, P, page_size, H] (or [L, K, P, page_size, H] and a layer index), page_table [B, pages_per_seq]
+    -> contiguous [B, K, S, H].
 
-    S = pages_per_seq * page_size: every page of the row, written or not (the caller masks by length)."""
-    K, _, page_size, H = pages.shape
+    S = pages_per_seq * page_size: every page of the row, written or not (the caller masks by length). With a
+    layer index the gather reads the stacked pool directly: one gather, no copy of the layer's slice."""
+    *_, K, _, page_size, H = pages.shape
     B, pages_per_seq = page_table.shape
-    x = pages[:, page_table]  # [K, B, pages_per_seq, page_size, H]
-    return x.transpose(1, 0, 2, 3, 4).reshape(B, K, pages_per_seq * page_size, H)  # [B, K, S, H]
+    if layer is None:
+        x = pages[:, page_table].transpose(1, 0, 2, 3, 4)  # [K, B, pages_per_seq, page_size, H] -> [B, K, ...]
+    else:  # the scalar and the table are split by a slice: the indexed dims come first
+        x = pages[layer, :, page_table].transpose(0, 2, 1, 3, 4)  # [B, pages_per_seq, K, page_size, H] -> [B, K, ...]
+    return x.reshape(B, K, pages_per_seq * page_size, H)  # [B, K, S, H]
 
 
 def visible_keys(q_positions, kv_lengths, num_keys: int, sliding_window: int | None) -> jax.Array:
@@ -35,17 +40,21 @@ def visible_keys(q_positions, kv_lengths, num_keys: int, sliding_window: int | N
     return mask
 
 
-def attention_reference(q, k_pages, v_pages, page_table, q_positions, kv_lengths, *, sliding_window=None):
+def attention_reference(
+    q, k_pages, v_pages, page_table, q_positions, kv_lengths, *, sliding_window=None, layer=None
+):
     """q [B, T, N, H] at q_positions [B, T] (-1 = padding), keys 0..kv_lengths[b]-1 -> [B, T, N, H] in q.dtype.
+
+    layer: None for pages [K, P, page_size, H]; an index into stacked pages [L, K, P, page_size, H].
 
     Gathers each sequence's pages into a contiguous [B, K, S, H] and attends, all in float32. float32 operands,
     not 16-bit ones with a float32 result: besides being the reference's precision, XLA:CPU (jax 0.10.2) fails
     at run time on some batched BF16 x BF16 = F32 dots ("Unsupported element type for DotThunk::Execute").
     """
     B, T, N, H = q.shape
-    K = k_pages.shape[0]
-    k = gather_pages(k_pages, page_table).astype(jnp.float32)  # [B, K, S, H]
-    v = gather_pages(v_pages, page_table).astype(jnp.float32)  # [B, K, S, H]
+    k = gather_pages(k_pages, page_table, layer).astype(jnp.float32)  # [B, K, S, H]
+    v = gather_pages(v_pages, page_table, layer).astype(jnp.float32)  # [B, K, S, H]
+    K = k.shape[1]
     S = k.shape[2]
     written = jnp.arange(S)[None, :] < kv_lengths[:, None]  # [B, S]
     # Slots past a sequence's length may hold anything (NaN included): zero them so 0 * NaN never appears.

@@ -20,27 +20,44 @@ import numpy as np
 import jaxinfer
 from jaxinfer.timing import median_seconds
 from jaxinfer import roofline
-from jaxinfer.generate import RowSettings, allocate_cache, generate_loop, prefill
+from jaxinfer.attention import BACKENDS
+from jaxinfer.generate import DEFAULT_PREFILL_CHUNK, allocate_cache, prompt_chunks
+from jaxinfer.runtime import Runtime
 from jaxinfer.sampling import SamplingArrays, SamplingParams, row_keys
+from jaxinfer.steps import RowSettings, generate_loop, prefill
 
 
-def bench_prefill(model, batch: int, prompt_len: int, page_size: int, warmup: int, iters: int) -> float:
-    """Seconds for one prefill of `batch` prompts of `prompt_len` tokens (time to first token, sampling aside)."""
+def bench_prefill(
+    model, batch: int, prompt_len: int, chunk: int, page_size: int, warmup: int, iters: int, runtime=Runtime()
+) -> float:
+    """Seconds for one prefill of `batch` prompts of `prompt_len` tokens (time to first token, sampling aside), in
+    chunks of `chunk` tokens as `generate` runs it."""
     cfg = model.cfg
-    cache = allocate_cache(cfg, [prompt_len] * batch, batch, prompt_len, page_size, None)
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len)), jnp.int32)
-    positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
+    T, n = prompt_chunks(prompt_len, chunk)
+    cache = allocate_cache(cfg, [prompt_len] * batch, batch, T * n, page_size, None)
+    rng = np.random.default_rng(0)
+    tokens = np.zeros((batch, T * n), np.int32)
+    tokens[:, :prompt_len] = rng.integers(0, cfg.vocab_size, (batch, prompt_len))
+    positions = np.where(np.arange(T * n) < prompt_len, np.arange(T * n), -1).astype(np.int32)
+    positions = np.broadcast_to(positions, (batch, T * n))
     seq_ids = jnp.arange(batch, dtype=jnp.int32)
     state = {"cache": cache}
 
     def run():
-        logits, state["cache"] = prefill(model.params, cfg, tokens, positions, state["cache"], seq_ids)
+        c = dataclasses.replace(state["cache"], lengths=jnp.zeros((batch,), jnp.int32))
+        logits = jnp.zeros((batch, cfg.vocab_size), jnp.float32)
+        for start in range(0, T * n, T):
+            w = slice(start, start + T)
+            logits, c = prefill(model.params, cfg, tokens[:, w], positions[:, w], c, seq_ids, logits, runtime=runtime)
+        state["cache"] = c
         return logits
 
     return median_seconds(run, warmup, iters)
 
 
-def bench_decode(model, batch: int, context: int, steps: int, page_size: int, warmup: int, iters: int) -> float:
+def bench_decode(
+    model, batch: int, context: int, steps: int, page_size: int, warmup: int, iters: int, runtime=Runtime()
+) -> float:
     """Seconds per decode step: `steps` tokens per sequence from one generate_loop call, divided by steps."""
     cfg = model.cfg
     cache = allocate_cache(cfg, [context + steps] * batch, batch, context + steps, page_size, None)
@@ -59,7 +76,7 @@ def bench_decode(model, batch: int, context: int, steps: int, page_size: int, wa
     def run():
         # Each run rewrites the same `steps` positions: lengths go back to `context` first.
         c = dataclasses.replace(state["cache"], lengths=jnp.full((batch,), context, jnp.int32))
-        out = generate_loop(model.params, cfg, first_logits, c, rows, seen, max_new_tokens=steps)
+        out = generate_loop(model.params, cfg, first_logits, c, rows, seen, max_new_tokens=steps, runtime=runtime)
         state["cache"] = out.cache
         return out.tokens
 
@@ -74,8 +91,11 @@ def main(argv=None) -> None:
     p.add_argument("--context", type=int, nargs="+", default=[512], help="tokens already cached per sequence")
     p.add_argument("--prompt-len", type=int, default=2048, help="prefill length for TTFT (0 skips prefill)")
     p.add_argument("--prefill-batch", type=int, default=1)
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, help="tokens per prefill call")
     p.add_argument("--steps", type=int, default=64, help="decode steps per timed generate_loop call")
     p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--attention-backend", choices=BACKENDS, default=None, help="default: the platform's")
+    p.add_argument("--unroll-layers", action="store_true", help="unroll the decoder layers instead of scanning them")
     p.add_argument("--gpu", default=None, help=f"peaks for MBU/MFU, one of {sorted(roofline.GPUS)}")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=10)
@@ -84,25 +104,26 @@ def main(argv=None) -> None:
 
     gpu = roofline.gpu(args.gpu) if args.gpu else None
     model = jaxinfer.random_model(args.preset, dtype=args.dtype)
+    runtime = Runtime(attention_backend=args.attention_backend, unroll_layers=args.unroll_layers)
     cfg = model.cfg
     kv_elem = jnp.dtype(cfg.dtype).itemsize
     print(
         f"{args.preset} {cfg.dtype}, {roofline.param_count(cfg) / 1e9:.2f} B params, jax {jax.__version__} on "
-        f"{jax.devices()[0].device_kind}, page_size {args.page_size}"
+        f"{jax.devices()[0].device_kind}, page_size {args.page_size}, {runtime}"
     )
     results = []
     if args.prompt_len:
         b, n = args.prefill_batch, args.prompt_len
-        t = bench_prefill(model, b, n, args.page_size, args.warmup, args.iters)
+        t = bench_prefill(model, b, n, args.prefill_chunk, args.page_size, args.warmup, args.iters, runtime)
         flops = roofline.prefill_flops(cfg, n, b, all_logits=False)
-        line = f"prefill batch {b} prompt {n}: TTFT {1e3 * t:.1f} ms, {b * n / t:.0f} tok/s, {flops / t / 1e12:.2f} TFLOP/s"
+        line = f"prefill batch {b} prompt {n} (chunks of {args.prefill_chunk}): TTFT {1e3 * t:.1f} ms, {b * n / t:.0f} tok/s, {flops / t / 1e12:.2f} TFLOP/s"
         if gpu:
             line += f" ({100 * roofline.mfu(flops, t, gpu):.1f}% MFU on {gpu.name})"
         print(line)
         results.append(dict(kind="prefill", batch=b, prompt_len=n, seconds=t))
     for b in args.batch:
         for c in args.context:
-            t = bench_decode(model, b, c, args.steps, args.page_size, args.warmup, args.iters)
+            t = bench_decode(model, b, c, args.steps, args.page_size, args.warmup, args.iters, runtime)
             nbytes = roofline.decode_step_bytes(cfg, b, c, kv_bytes_per_elem=kv_elem)
             print(f"decode batch {b} context {c}: {1e3 * t:.2f} ms/token, {b / t:.0f} tok/s, {nbytes / t / 1e9:.0f} GB/s")
             if gpu:

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxinfer
-from jaxinfer.generate import allocate_cache, decode_step, prefill
+from jaxinfer.generate import allocate_cache
+from jaxinfer.steps import decode_step, prefill
 
 PROFILES = Path(__file__).resolve().parent.parent / "profiles"
 
@@ -31,7 +32,8 @@ def run_once(model, batch: int, prompt_len: int, decode_steps: int, page_size: i
     seq_ids = jnp.arange(batch, dtype=jnp.int32)
     active = jnp.ones((batch,), bool)
     with jax.profiler.TraceAnnotation("prefill"):
-        logits, cache = prefill(model.params, cfg, tokens, positions, cache, seq_ids)
+        logits = jnp.zeros((batch, cfg.vocab_size), jnp.float32)
+        logits, cache = prefill(model.params, cfg, tokens, positions, cache, seq_ids, logits)
         jax.block_until_ready(logits)
     for i in range(decode_steps):
         with jax.profiler.TraceAnnotation(f"decode_step_{i}"):

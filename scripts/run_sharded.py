@@ -69,10 +69,13 @@ def initialize_distributed(args) -> None:
 
 def time_steps(model, batch: int, prompt_len: int, steps: int, warmup: int, iters: int) -> tuple[float, float, str]:
     """(prefill seconds, decode seconds per step, compiled decode-step HLO text) with random tokens."""
-    from jaxinfer.generate import RowSettings, allocate_cache, decode_step, generate_loop, prefill
+    from jaxinfer.generate import allocate_cache
+    from jaxinfer.runtime import Runtime
     from jaxinfer.sampling import SamplingArrays, SamplingParams, row_keys
+    from jaxinfer.steps import RowSettings, decode_step, generate_loop, prefill
 
     cfg, mesh = model.cfg, model.mesh
+    runtime = Runtime(mesh=mesh)
     capacity = prompt_len + steps
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len)).astype(np.int32)
     positions = np.broadcast_to(np.arange(prompt_len, dtype=np.int32), (batch, prompt_len))
@@ -80,7 +83,10 @@ def time_steps(model, batch: int, prompt_len: int, steps: int, warmup: int, iter
     state = {"cache": allocate_cache(cfg, [capacity] * batch, batch, capacity, 16, None, mesh)}
 
     def run_prefill():
-        logits, state["cache"] = prefill(model.params, cfg, tokens, positions, state["cache"], seq_ids, None, mesh)
+        logits = np.zeros((batch, cfg.vocab_size), np.float32)
+        logits, state["cache"] = prefill(
+            model.params, cfg, tokens, positions, state["cache"], seq_ids, logits, runtime=runtime
+        )
         return logits
 
     t_prefill = median_seconds(run_prefill, warmup, iters)
@@ -97,14 +103,14 @@ def time_steps(model, batch: int, prompt_len: int, steps: int, warmup: int, iter
     def run_decode():
         # Each run rewrites the same positions: lengths go back to the prompt first.
         cache = dataclasses.replace(state["cache"], lengths=jnp.full((batch,), prompt_len, jnp.int32))
-        out = generate_loop(model.params, cfg, first_logits, cache, rows, seen, max_new_tokens=steps, mesh=mesh)
+        out = generate_loop(model.params, cfg, first_logits, cache, rows, seen, max_new_tokens=steps, runtime=runtime)
         state["cache"] = out.cache
         return out.tokens
 
     t_decode = median_seconds(run_decode, warmup, iters) / steps
     active = np.ones((batch,), bool)
     hlo = decode_step.lower(
-        model.params, cfg, np.zeros((batch,), np.int32), state["cache"], seq_ids, active, None, mesh
+        model.params, cfg, np.zeros((batch,), np.int32), state["cache"], seq_ids, active, runtime=runtime
     ).compile().as_text()
     return t_prefill, t_decode, hlo
 
@@ -148,11 +154,12 @@ def main(argv=None) -> None:
 
     t_prefill, t_decode, hlo = time_steps(model, args.batch, args.prompt_len, args.steps, args.warmup, args.iters)
     collectives = sharding.hlo_collectives(hlo)
-    # Per decode step: one [B, D] all-reduce after attention and one after the MLP per layer, one for the embedding.
+    # Per decode step: one [B, D] all-reduce after attention and one after the MLP per layer, one for the embedding;
+    # the layers are one scan body, so the HLO holds the layer's two once (run num_layers times).
     reduce_bytes = (2 * cfg.num_layers + 1) * args.batch * cfg.d_model * jnp.dtype(cfg.dtype).itemsize
-    expected = 2 * cfg.num_layers + 1 if tp > 1 else 0
-    say(f"decode step HLO: {collectives['all-reduce']} all-reduces (expected {expected}: 2 x {cfg.num_layers} "
-        f"layers + 1 embedding, none at tp=1), {collectives['all-gather']} all-gathers; "
+    expected = 3 if tp > 1 else 0
+    say(f"decode step HLO: {collectives['all-reduce']} all-reduces (expected {expected}: 2 in the layer scan body, "
+        f"run {cfg.num_layers} times, + 1 embedding; none at tp=1), {collectives['all-gather']} all-gathers; "
         f"{reduce_bytes / 1e3:.1f} kB all-reduced per step")
     say(f"prefill batch {args.batch} prompt {args.prompt_len}: {1e3 * t_prefill:.2f} ms")
     say(f"decode batch {args.batch}: {1e3 * t_decode:.3f} ms/step, {args.batch / t_decode:.0f} tok/s")

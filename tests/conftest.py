@@ -18,9 +18,10 @@ import pytest  # noqa: E402
 # Every numerical comparison in the tests takes its tolerance from here: TOLERANCE[purpose][dtype name]. A purpose's
 # number is the atol, and also the rtol where its comment says so (otherwise rtol is 0).
 TOLERANCE = {
-    # A Pallas kernel against pallas_kernels.reference, in its input dtype (atol = rtol).
+    # A Pallas kernel, or the blocked XLA attention, against pallas_kernels.reference, in its input dtype (atol = rtol).
     "flash_attention": {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3},
     "paged_attention": {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2},
+    "xla_attention": {"float32": 1e-5, "bfloat16": 1e-2},
     # pallas_kernels.reference (float32, HIGHEST) against plain numpy attention in float64 (atol = rtol).
     "reference": {"float32": 1e-6},
     # One model's logits two ways, both ours: sharded or not, kernels or reference, page layout, chunking.

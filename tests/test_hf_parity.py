@@ -23,24 +23,32 @@ def test_config_from_hf(family, hf_checkpoint):
     assert (cfg.rope_scaling is not None) == (family == "llama3")
 
 
+# (prefill_chunk, attention backend): one chunk, and chunks that do not divide the 40-token prompt, on the default
+# (blocked XLA) attention and the gather-everything reference.
+SCORE_RUNS = [(512, "xla"), (7, "xla"), (16, "xla"), (16, "reference")]
+
+
+@pytest.mark.parametrize("prefill_chunk, backend", SCORE_RUNS, ids=[f"chunk{c}-{b}" for c, b in SCORE_RUNS])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_score_logits_match_transformers(family, hf_checkpoint):
+def test_score_logits_match_transformers(family, hf_checkpoint, prefill_chunk, backend):
     path, hf = hf_checkpoint(family)
     model = jaxinfer.load_model(path)
     (ids,) = random_prompts(model.cfg.vocab_size, [40], seed=1)  # longer than the mistral window
-    ours = jaxinfer.score(model, ids)
+    ours = jaxinfer.score(model, ids, prefill_chunk=prefill_chunk, attention_backend=backend)
     with torch.no_grad():
         theirs = hf(torch.tensor([ids])).logits[0].float().numpy()
     assert ours.shape == theirs.shape == (40, model.cfg.vocab_size)
     np.testing.assert_allclose(ours, theirs, atol=TOLERANCE["hf"]["float32"], rtol=0)
 
 
+@pytest.mark.parametrize("prefill_chunk", [512, 5])  # 5: the 11- and 17-token prompts end mid-chunk
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_generate_matches_transformers(family, hf_checkpoint):
+def test_greedy_generate_matches_transformers(family, hf_checkpoint, prefill_chunk):
     path, hf = hf_checkpoint(family)
     model = jaxinfer.load_model(path)
     prompts = random_prompts(model.cfg.vocab_size, [3, 11, 17, 6], seed=2)
-    outs = jaxinfer.generate(model, prompts, max_new_tokens=32, sampling=jaxinfer.SamplingParams(temperature=0.0))
+    greedy = jaxinfer.SamplingParams(temperature=0.0)
+    outs = jaxinfer.generate(model, prompts, max_new_tokens=32, sampling=greedy, prefill_chunk=prefill_chunk)
     eos = hf.config.eos_token_id
     for prompt, out in zip(prompts, outs):
         with torch.no_grad():

@@ -13,9 +13,12 @@ from conftest import TOLERANCE
 import jaxinfer
 from jaxinfer import kv_cache, model
 from jaxinfer.page_allocator import PageAllocator, PagePoolExhausted
+from jaxinfer.runtime import Runtime
 
 PAGE_SIZE = 4
-forward = jax.jit(model.forward, static_argnames=("cfg", "attention_backend"), donate_argnames=("cache",))
+forward = jax.jit(model.forward, static_argnames=("cfg", "runtime"), donate_argnames=("cache",))
+# The plain-XLA blocked attention (the default), the gather-everything reference, and unrolled layers.
+RUNTIMES = [Runtime(attention_backend="xla"), Runtime(attention_backend="reference"), Runtime(unroll_layers=True)]
 
 
 @pytest.fixture(scope="module")
@@ -28,48 +31,71 @@ def make_cache(cfg, page_tables: np.ndarray, num_pages: int, fill=0.0):
     cache = kv_cache.init_cache(
         cfg, num_pages=num_pages, page_size=PAGE_SIZE, max_seqs=page_tables.shape[0], pages_per_seq=page_tables.shape[1]
     )
-    k_pages = tuple(jnp.full_like(p, fill) for p in cache.k_pages)
-    v_pages = tuple(jnp.full_like(p, fill) for p in cache.v_pages)
+    k_pages, v_pages = jnp.full_like(cache.k_pages, fill), jnp.full_like(cache.v_pages, fill)  # [L, K, P, ps, H]
     return dataclasses.replace(cache, k_pages=k_pages, v_pages=v_pages, page_table=jnp.asarray(page_tables, jnp.int32))
 
 
-def run_chunks(cfg, params, tokens: np.ndarray, chunks: list[int], cache):
+def run_chunks(cfg, params, tokens: np.ndarray, chunks: list[int], cache, runtime=Runtime()):
     """Feed tokens [B, T] through forward chunk by chunk -> logits [B, T, V]."""
     out, start = [], 0
     seq_ids = jnp.arange(tokens.shape[0], dtype=jnp.int32)
     for n in chunks:
         positions = np.broadcast_to(np.arange(start, start + n, dtype=np.int32), (tokens.shape[0], n))
-        logits, cache = forward(params, cfg, tokens[:, start : start + n], positions, cache, seq_ids)
+        logits, cache = forward(params, cfg, tokens[:, start : start + n], positions, cache, seq_ids, runtime=runtime)
         out.append(np.asarray(logits))
         start += n
     return np.concatenate(out, axis=1)
 
 
+@pytest.mark.parametrize("runtime", RUNTIMES, ids=lambda r: r.attention_backend or "unrolled")
 @pytest.mark.parametrize("sliding_window", [None, 5])
-def test_permuted_pages_with_nan_slots_equal_contiguous(tiny, sliding_window):
+def test_permuted_pages_with_nan_slots_equal_contiguous(tiny, sliding_window, runtime):
     cfg, params = tiny
     cfg = cfg.replace(sliding_window=sliding_window)
     B, T, pages_per_seq = 3, 21, 6
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T)).astype(np.int32)
     contiguous = np.arange(B * pages_per_seq).reshape(B, pages_per_seq)
-    expected = run_chunks(cfg, params, tokens, [T], make_cache(cfg, contiguous, B * pages_per_seq))
+    reference = Runtime(attention_backend="reference")
+    expected = run_chunks(cfg, params, tokens, [T], make_cache(cfg, contiguous, B * pages_per_seq), reference)
 
     num_pages = 40  # a larger pool: most pages belong to nobody and hold NaN
     permuted = np.random.default_rng(1).permutation(num_pages)[: B * pages_per_seq].reshape(B, pages_per_seq)
-    got = run_chunks(cfg, params, tokens, [T], make_cache(cfg, permuted, num_pages, fill=np.nan))
+    got = run_chunks(cfg, params, tokens, [T], make_cache(cfg, permuted, num_pages, fill=np.nan), runtime)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, expected, atol=TOLERANCE["model"]["float32"], rtol=0)
 
 
+@pytest.mark.parametrize("runtime", RUNTIMES, ids=lambda r: r.attention_backend or "unrolled")
 @pytest.mark.parametrize("chunks", [[1] * 19, [5, 7, 7], [3, 16]])
-def test_chunked_and_token_by_token_equal_one_prefill(tiny, chunks):
+@pytest.mark.parametrize("sliding_window", [None, 6])
+def test_chunked_and_token_by_token_equal_one_prefill(tiny, chunks, sliding_window, runtime):
     cfg, params = tiny
+    cfg = cfg.replace(sliding_window=sliding_window)
     B, T = 2, sum(chunks)
     tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, (B, T)).astype(np.int32)
     table = np.arange(B * 5).reshape(B, 5)
-    expected = run_chunks(cfg, params, tokens, [T], make_cache(cfg, table, B * 5))
-    got = run_chunks(cfg, params, tokens, chunks, make_cache(cfg, table, B * 5))
+    reference = Runtime(attention_backend="reference")
+    expected = run_chunks(cfg, params, tokens, [T], make_cache(cfg, table, B * 5), reference)
+    got = run_chunks(cfg, params, tokens, chunks, make_cache(cfg, table, B * 5), runtime)
     np.testing.assert_allclose(got, expected, atol=TOLERANCE["model"]["float32"], rtol=0)
+
+
+def test_write_touches_only_its_layer_and_addresses():
+    cfg = jaxinfer.ModelConfig.preset("tiny")
+    L, K, H = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+    cache = make_cache(cfg, np.array([[2, 0], [1, 3]]), 4)
+    k = jnp.arange(2 * 3 * K * H, dtype=jnp.float32).reshape(2, 3, K, H) + 1  # [B, T, K, H]
+    positions = jnp.array([[4, 5, -1], [0, 1, 2]], jnp.int32)
+    k_pages, v_pages = kv_cache.write(cache.k_pages, cache.v_pages, k, -k, cache.page_table, positions, 1)
+    k_pages, v_pages = np.asarray(k_pages), np.asarray(v_pages)  # [L, K, P, page_size, H]
+    expected = np.zeros_like(k_pages)
+    # row 0: positions 4, 5 -> its block 1 = page 0, slots 0, 1; row 1: positions 0-2 -> page 1, slots 0-2
+    expected[1, :, 0, 0], expected[1, :, 0, 1] = k[0, 0], k[0, 1]
+    for t in range(3):
+        expected[1, :, 1, t] = k[1, t]
+    np.testing.assert_array_equal(k_pages, expected)
+    np.testing.assert_array_equal(v_pages, -expected)
+    assert k_pages.shape == (L, K, 4, PAGE_SIZE, H)
 
 
 def test_padding_writes_nothing(tiny):

@@ -42,8 +42,8 @@ def write_gguf(path, cfg: ModelConfig):
     w.add_bos_token_id(cfg.bos_token_id)
     w.add_eos_token_id(cfg.eos_token_ids[0])
     entries, _ = layout.source_leaves(gguf_file.gguf_tensor_map(cfg.replace(rope_scaling=None)))
-    for e in entries:
-        w.add_tensor(e.name, np.zeros(e.shape, np.float32))
+    for name, shape in ((name, e.shape) for e in entries for name in e.names()):
+        w.add_tensor(name, np.zeros(shape, np.float32))
     if cfg.rope_scaling is not None:
         factors = model.rope_inv_freq(cfg.replace(rope_scaling=None)) / model.rope_inv_freq(cfg)  # [H / 2]
         w.add_tensor("rope_freqs.weight", factors.astype(np.float32))

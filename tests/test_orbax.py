@@ -115,7 +115,7 @@ def test_extra_files_are_written_verbatim_and_progress_is_per_tensor(saved, tmp_
     load_orbax(tmp_path / "p", progress=lambda done, total: calls.append((done, total)))
     assert calls == [(i, n) for i in range(1, n + 1)]
     manifest = json.loads((dst / "manifest.json").read_text())
-    assert list(manifest["tensors"]) == list(named_leaves(m.params))  # keyed by pytree path: "layers.0.wq"
+    assert list(manifest["tensors"]) == list(named_leaves(m.params))  # keyed by pytree path: "layers.wq"
     assert jaxinfer.ModelConfig.from_dict(json.loads((dst / "jaxinfer_config.json").read_text())) == m.cfg
 
 
@@ -219,14 +219,15 @@ def _garble(ckpt):
     "damage, error",
     [
         (_garble, r"ckpt: garbled manifest.json"),
-        (_edit_manifest(lambda m: m["tensors"].pop("layers.1.w_up")), r"missing tensor layers.1.w_up"),
+        (_edit_manifest(lambda m: m["tensors"].pop("layers.w_up")), r"missing tensor layers.w_up"),
         (_edit_manifest(lambda m: m["tensors"]["final_norm"].update(sha256="0" * 64)), r"tensor final_norm: sha256"),
         (_edit_manifest(lambda m: m["tensors"]["embed"].update(dtype="float16")), r"tensor embed: manifest says"),
-        (_edit_manifest(lambda m: m.update(version=99)), r"manifest version 99"),
+        (_edit_manifest(lambda m: m.update(version=99)), r"layout version 99, newer than this jaxinfer reads \(2\)"),
+        (_edit_manifest(lambda m: m.update(version="2")), r"manifest version '2', this reader knows version 2"),
         (lambda ckpt: (ckpt / "tokenizer.json").write_bytes(b"{}"), r"file tokenizer.json: size or sha256 differs"),
         (lambda ckpt: shutil.rmtree(ckpt / "params"), r"missing orbax data directory"),
     ],
-    ids=["garbled", "missing-entry", "wrong-sha", "wrong-dtype", "version", "extra-file", "no-params"],
+    ids=["garbled", "missing-entry", "wrong-sha", "wrong-dtype", "version", "version-str", "extra-file", "no-params"],
 )
 def test_damaged_manifest_or_files(copied, damage, error):
     damage(copied)
@@ -234,13 +235,33 @@ def test_damaged_manifest_or_files(copied, damage, error):
         load_orbax(copied)
 
 
+def test_old_per_layer_layout_is_refused_with_what_to_do(copied):
+    """A version-1 checkpoint (one tensor per layer, "layers.0.wq") names its version and the command to run."""
+    def per_layer(m):
+        m["version"] = 1
+        stacked = [name for name in m["tensors"] if name.startswith("layers.")]
+        for name in stacked:
+            entry = m["tensors"].pop(name)
+            for i in range(entry["shape"][0]):
+                m["tensors"][name.replace("layers.", f"layers.{i}.")] = dict(entry, shape=entry["shape"][1:])
+
+    _edit_manifest(per_layer)(copied)
+    with pytest.raises(ValueError) as err:
+        load_orbax(copied)
+    assert str(err.value) == (
+        f"orbax checkpoint {copied} has layout version 1 (one tensor per layer), written by an older jaxinfer; "
+        f"this one reads version 2 (layers stacked). Convert the original checkpoint again: "
+        f"jaxinfer convert SRC {copied} --overwrite"
+    )
+
+
 def test_every_bad_tensor_is_named_in_one_error(copied):
-    _edit_manifest(lambda m: [m["tensors"][n].update(sha256="0" * 64) for n in ("embed", "layers.0.wq")])(copied)
+    _edit_manifest(lambda m: [m["tensors"][n].update(sha256="0" * 64) for n in ("embed", "layers.wq")])(copied)
     _edit_manifest(lambda m: m["tensors"].pop("lm_head"))(copied)
     with pytest.raises(ValueError) as err:
         load_orbax(copied)
     msg = str(err.value)
-    for expected in ("tensor embed: sha256 mismatch", "tensor layers.0.wq: sha256 mismatch", "missing tensor lm_head"):
+    for expected in ("tensor embed: sha256 mismatch", "tensor layers.wq: sha256 mismatch", "missing tensor lm_head"):
         assert expected in msg
 
 

@@ -18,7 +18,9 @@ import pytest
 import jaxinfer
 from conftest import TOLERANCE, random_hf_model, random_prompts
 from jaxinfer import ModelConfig, SamplingParams, sharding
-from jaxinfer.generate import RowSettings, allocate_cache, decode_step, generate_loop
+from jaxinfer.generate import allocate_cache
+from jaxinfer.runtime import Runtime
+from jaxinfer.steps import RowSettings, decode_step, generate_loop
 from jaxinfer.sampling import SamplingArrays, row_keys
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,29 +114,29 @@ def test_params_and_cache_land_in_the_megatron_layout(checkpoint):
     m = jaxinfer.load_model(checkpoint("gqa"), tensor_parallel=4)
     cfg, tp = m.cfg, 4
     D, F, N, K, H, V = cfg.d_model, cfg.ffn_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
-    layer = m.params.layers[0]
+    L, layers = cfg.num_layers, m.params.layers  # stacked: every device holds every layer of its shard
     local = {
         "embed": (m.params.embed, (V // tp, D)),
         "lm_head": (m.params.lm_head, (D, V // tp)),
-        "wq": (layer.wq, (D, N // tp, H)),
-        "wk": (layer.wk, (D, K, H)),  # replicated: K < tp
-        "wo": (layer.wo, (N // tp, H, D)),
-        "w_gate": (layer.w_gate, (D, F // tp)),
-        "w_down": (layer.w_down, (F // tp, D)),
+        "wq": (layers.wq, (L, D, N // tp, H)),
+        "wk": (layers.wk, (L, D, K, H)),  # replicated: K < tp
+        "wo": (layers.wo, (L, N // tp, H, D)),
+        "w_gate": (layers.w_gate, (L, D, F // tp)),
+        "w_down": (layers.w_down, (L, F // tp, D)),
         "final_norm": (m.params.final_norm, (D,)),
     }
     for name, (array, shape) in local.items():
         assert len(array.addressable_shards) == tp, name
         assert {s.data.shape for s in array.addressable_shards} == {shape}, name
     cache = allocate_cache(cfg, [20], 1, 32, 16, None, m.mesh)
-    assert cache.k_pages[0].shape == (tp, 2, 16, H)
-    assert {s.data.shape for s in cache.k_pages[0].addressable_shards} == {(1, 2, 16, H)}
+    assert cache.k_pages.shape == (L, tp, 2, 16, H)
+    assert {s.data.shape for s in cache.k_pages.addressable_shards} == {(L, 1, 2, 16, H)}
 
 
 def test_random_model_generates_the_same_weights_in_place():
     cfg = ModelConfig.preset("tiny").replace(num_heads=8, head_dim=8)
     one, four = jaxinfer.random_model(cfg, seed=3), jaxinfer.random_model(cfg, seed=3, tensor_parallel=4)
-    assert four.params.layers[1].w_up.sharding.spec == jax.sharding.PartitionSpec(None, "tp")
+    assert four.params.layers.w_up.sharding.spec == jax.sharding.PartitionSpec(None, None, "tp")  # [L, D, F]
     for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(four.params), strict=True):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
 
@@ -158,17 +160,19 @@ def _collective_lines(text: str, op: str) -> list[str]:
     return [line for line in text.splitlines() if f" {op}(" in line or f" {op}-start(" in line]
 
 
+@pytest.mark.parametrize("unroll", [False, True], ids=["scanned", "unrolled"])
 @pytest.mark.parametrize("name,tp", [("gqa", 4), ("mha", 8), ("mqa-tied", 2)])
-def test_decode_step_hlo_has_two_all_reduces_per_layer(name, tp, checkpoint):
+def test_decode_step_hlo_has_two_all_reduces_per_layer(name, tp, unroll, checkpoint):
     m = jaxinfer.load_model(checkpoint(name), tensor_parallel=tp)
     cfg, B = m.cfg, 4
     cache = allocate_cache(cfg, [24] * B, B, 32, 16, None, m.mesh)
     seq_ids, tokens, active = np.arange(B, dtype=np.int32), np.zeros((B,), np.int32), np.ones((B,), bool)
-    text = decode_step.lower(m.params, cfg, tokens, cache, seq_ids, active, None, m.mesh).compile().as_text()
+    runtime = Runtime(mesh=m.mesh, unroll_layers=unroll)
+    text = decode_step.lower(m.params, cfg, tokens, cache, seq_ids, active, runtime=runtime).compile().as_text()
     counts = sharding.hlo_collectives(text)
-    # One after attention and one after the MLP per layer, and the vocab-parallel embedding lookup's one;
-    # logits stay split over V, so nothing else.
-    assert counts["all-reduce"] == 2 * cfg.num_layers + 1
+    # One after attention and one after the MLP per layer (scanned: the layer body's two, run num_layers times),
+    # and the vocab-parallel embedding lookup's one; logits stay split over V, so nothing else.
+    assert counts["all-reduce"] == (2 * cfg.num_layers if unroll else 2) + 1
     assert all(f"f32[{B},1,{cfg.d_model}]" in line for line in _collective_lines(text, "all-reduce"))
     assert counts["all-gather"] == counts["reduce-scatter"] == counts["all-to-all"] == counts["collective-permute"] == 0
 
@@ -185,9 +189,9 @@ def test_generate_loop_hlo_samples_without_gathering_weights(checkpoint):
                                   jax.sharding.NamedSharding(m.mesh, jax.sharding.PartitionSpec(None, "tp")))
     seen = np.zeros((B, cfg.vocab_size), bool)
     text = generate_loop.lower(m.params, cfg, first_logits, cache, rows, seen, max_new_tokens=16,
-                               mesh=m.mesh).compile().as_text()
+                               runtime=Runtime(mesh=m.mesh)).compile().as_text()
     counts = sharding.hlo_collectives(text)
-    assert counts["all-reduce"] == (2 * cfg.num_layers + 1) + 2 * 2
+    assert counts["all-reduce"] == (2 + 1) + 2 * 2  # the scanned layer's two and the embedding's, then sampling
     gathers = _collective_lines(text, "all-gather")
     assert len(gathers) == 2 and all(f"f32[{B},{cfg.vocab_size}]" in line for line in gathers), gathers
     assert counts["reduce-scatter"] == counts["all-to-all"] == counts["collective-permute"] == 0
@@ -283,4 +287,4 @@ def test_two_processes_give_one_process_tokens(tmp_path, capsys):
         assert p.returncode == 0, out[-3000:]
     assert "2 process(es), 8 cpu device(s), tensor_parallel=8" in outputs[0]
     assert [line for line in outputs[0].splitlines() if line.startswith("tokens[")] == one_process
-    assert "decode step HLO: 5 all-reduces" in outputs[0]
+    assert "decode step HLO: 3 all-reduces" in outputs[0]

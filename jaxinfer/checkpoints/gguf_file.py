@@ -108,26 +108,28 @@ def load_gguf(
     dequantizable = {q: _can_dequantize(gguf, q) for q in {t.tensor_type for t in tensors.values()}}
     problems = []
     for e in entries:
-        t = tensors.get(e.name)
-        if t is None:
-            problems.append(f"missing tensor {e.name}")
-            continue
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        if shape != e.shape:
-            problems.append(f"tensor {e.name} has shape {shape}, expected {e.shape}")
-        if not dequantizable[t.tensor_type]:
-            problems.append(f"tensor {e.name} has type {t.tensor_type.name}, which gguf.quants cannot dequantize")
+        for name in e.names():
+            t = tensors.get(name)
+            if t is None:
+                problems.append(f"missing tensor {name}")
+                continue
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            if shape != e.shape:
+                problems.append(f"tensor {name} has shape {shape}, expected {e.shape}")
+            if not dequantizable[t.tensor_type]:
+                problems.append(f"tensor {name} has type {t.tensor_type.name}, which gguf.quants cannot dequantize")
     tolerated = {_ROPE_FREQS}  # read into cfg.rope_scaling by _config
-    for name in sorted(set(tensors) - {e.name for e in entries} - tolerated):
+    for name in sorted(set(tensors) - {name for e in entries for name in e.names()} - tolerated):
         problems.append(f"unexpected tensor {name}")
     if problems:
         header = f"GGUF file {path} does not match its {cfg.architecture} metadata:"
         raise ValueError("\n  ".join([header, *problems]))
 
     def load(entry: layout.SourceTensor, target) -> jax.Array:
-        return layout.place(entry.to_ours(_dequantize(gguf, tensors[entry.name])), cfg, target)
+        return layout.load_entry(entry, lambda name: _dequantize(gguf, tensors[name]), cfg, target)
 
-    # numpy's dequantize kernels release the GIL: a thread per core roughly halves the load time.
+    # numpy's dequantize kernels release the GIL: a thread per core roughly halves the load time (a thread per
+    # stacked field: each holds one field's [L, ...] host array while it fills it).
     arrays = []
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         for array in pool.map(load, entries, layout.placements(cfg, mesh, len(entries))):

@@ -93,13 +93,15 @@ def load_hf(
     files = [SafetensorsFile(f) for f in _safetensors_files(path)]
     where = {name: f for f in files for name in f.tensors}
     entries, treedef = layout.source_leaves(layout.tensor_map(cfg, HF_NAMES))
-    expected = {e.name for e in entries}
+    stored = [(name, e.shape) for e in entries for name in e.names()]
+    expected = {name for name, _ in stored}
     problems = []
-    for name, shape in ((e.name, e.shape) for e in entries):
+    for name, shape in stored:
         if name not in where:
             problems.append(f"missing tensor {name}")
         elif where[name].shape(name) != shape:
-            problems.append(f"{where[name].path.name}: tensor {name} has shape {where[name].shape(name)}, expected {shape}")
+            file = where[name].path.name
+            problems.append(f"{file}: tensor {name} has shape {where[name].shape(name)}, expected {shape}")
     tolerated = {"lm_head.weight"} if cfg.tie_embeddings else set()
     for name in sorted(set(where) - expected - tolerated):
         if not name.endswith(_IGNORED_SUFFIXES):
@@ -107,9 +109,12 @@ def load_hf(
     if problems:
         raise ValueError(f"checkpoint {path} does not match its config.json:\n  " + "\n  ".join(problems))
 
+    def read(name: str) -> np.ndarray:
+        return np.asarray(where[name].read(name))
+
     arrays = []
     for entry, target in zip(entries, layout.placements(cfg, mesh, len(entries))):
-        arrays.append(layout.place(entry.to_ours(np.asarray(where[entry.name].read(entry.name))), cfg, target))
+        arrays.append(layout.load_entry(entry, read, cfg, target))
         if progress:
             progress(len(arrays), len(entries))
     return cfg, jax.tree.unflatten(treedef, arrays)

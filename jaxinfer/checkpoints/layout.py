@@ -1,8 +1,10 @@
 """Where each of our weights lives in a checkpoint format, and how to turn it into our layout.
 
 Checkpoints store projections as [out, in] matrices (HF and GGUF alike, as numpy reads them); ours are
-einsum-ready ([D, N, H] for wq, [N, H, D] for wo, ...). One map per format: the Params pytree with a
-SourceTensor at every leaf, built from the format's names.
+einsum-ready ([D, N, H] for wq, [N, H, D] for wo, ...) and stacked over the layers ([L, D, N, H]). One map per
+format: the Params pytree with a SourceTensor at every leaf, built from the format's names; a layer field's
+SourceTensor names its L stored tensors, and `assemble` converts them one by one into the rows of one stacked
+host array (no per-layer copies kept, no second stacked copy).
 """
 
 from __future__ import annotations
@@ -21,9 +23,30 @@ from jaxinfer.config import ModelConfig
 
 @dataclasses.dataclass(frozen=True)
 class SourceTensor:
-    name: str
-    shape: tuple[int, ...]  # as the file stores it: [out, in] for projections
+    name: str  # a layer field's has "{i}" for the layer index
+    shape: tuple[int, ...]  # as the file stores it (each layer's): [out, in] for projections
     to_ours: Callable[[np.ndarray], np.ndarray]
+    num_layers: int | None = None  # a layer field: stacked from names(), layer i from name.format(i=i)
+
+    def names(self) -> list[str]:
+        """The stored tensors this leaf is made of, in order."""
+        if self.num_layers is None:
+            return [self.name]
+        return [self.name.format(i=i) for i in range(self.num_layers)]
+
+
+def assemble(entry: SourceTensor, read: Callable[[str], np.ndarray], dtype) -> np.ndarray:
+    """entry's tensor in our layout and `dtype` on the host: one stored tensor converted, or the L layers'
+    converted into the rows of one preallocated [L, ...] array, each layer read and freed in turn."""
+    if entry.num_layers is None:
+        return np.asarray(entry.to_ours(read(entry.name)), dtype=dtype)
+    out = None
+    for i, name in enumerate(entry.names()):
+        layer = entry.to_ours(read(name))
+        if out is None:
+            out = np.empty((entry.num_layers, *layer.shape), dtype=dtype)
+        out[i] = layer
+    return out
 
 
 def is_source_tensor(x) -> bool:
@@ -46,8 +69,13 @@ def place(ours: np.ndarray, cfg: ModelConfig, target: NamedSharding | None) -> j
     return sharding.put(np.asarray(ours, dtype=cfg.jnp_dtype), target)
 
 
+def load_entry(entry: SourceTensor, read: Callable[[str], np.ndarray], cfg: ModelConfig, target) -> jax.Array:
+    """assemble, then place: one leaf of Params from the file onto its device or shards."""
+    return place(assemble(entry, read, cfg.jnp_dtype), cfg, target)
+
+
 def tensor_map(cfg: ModelConfig, names: dict[str, str], qk_to_ours=None) -> model.Params:
-    """names: our field -> the format's tensor name ("{i}" stands for the layer index).
+    """names: our field -> the format's tensor name ("{i}" stands for the layer index); layer fields are stacked.
 
     qk_to_ours(n) -> a function from the stored [n * H, D] q or k rows to ours [D, n, H]; the default is a
     plain transpose (HF); GGUF's llama converter permutes the rows and passes its own.
@@ -68,9 +96,9 @@ def tensor_map(cfg: ModelConfig, names: dict[str, str], qk_to_ours=None) -> mode
 
     qk = qk_to_ours or heads
 
-    def layer(i: int) -> model.Layer:
+    def layers() -> model.Layer:
         def t(field, shape, to_ours):
-            return SourceTensor(names[field].format(i=i), shape, to_ours)
+            return SourceTensor(names[field], shape, to_ours, num_layers=cfg.num_layers)
 
         return model.Layer(
             attn_norm=t("attn_norm", (D,), same),
@@ -89,7 +117,7 @@ def tensor_map(cfg: ModelConfig, names: dict[str, str], qk_to_ours=None) -> mode
 
     return model.Params(
         embed=SourceTensor(names["embed"], (V, D), same),
-        layers=tuple(layer(i) for i in range(cfg.num_layers)),
+        layers=layers(),
         final_norm=SourceTensor(names["final_norm"], (D,), same),
         lm_head=None if cfg.tie_embeddings else SourceTensor(names["lm_head"], (V, D), transposed),
     )

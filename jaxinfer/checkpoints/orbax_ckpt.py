@@ -3,7 +3,7 @@
 A checkpoint is a directory:
 
     jaxinfer_config.json   ModelConfig.to_dict()
-    manifest.json          per tensor (keyed by pytree path, e.g. "layers.0.wq"): shape, dtype, sha256 of its
+    manifest.json          per tensor (keyed by pytree path, e.g. "layers.wq"): shape, dtype, sha256 of its
                            raw bytes; per extra file: size, sha256. Written last: it marks a complete checkpoint.
     params/                the Params pytree, written by orbax.checkpoint (OCDBT + zarr under tensorstore)
     tokenizer.json ...     extra files from the caller, verbatim
@@ -32,12 +32,15 @@ import numpy as np
 
 from jaxinfer import model
 from jaxinfer.config import ModelConfig
+from jaxinfer.errors import is_int
 
 CONFIG_FILE = "jaxinfer_config.json"
 MANIFEST_FILE = "manifest.json"
 PARAMS_DIR = "params"
 _FORMAT = "jaxinfer-orbax"
-_VERSION = 1
+# 2: layer weights stacked on a leading layer axis ("layers.wq" [L, D, N, H]); 1: one tensor per layer
+# ("layers.0.wq"), refused with a message to convert again (the source checkpoint converts in seconds).
+_VERSION = 2
 _RESERVED = (CONFIG_FILE, MANIFEST_FILE, PARAMS_DIR)
 
 
@@ -64,7 +67,7 @@ def _key_name(key) -> str:
 
 
 def named_leaves(tree) -> dict[str, Any]:
-    """{"embed": leaf, "layers.0.wq": leaf, ...} in pytree order; None fields (tied lm_head) are not leaves."""
+    """{"embed": leaf, "layers.wq": leaf, ...} in pytree order; None fields (tied lm_head) are not leaves."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     return {".".join(_key_name(k) for k in path): leaf for path, leaf in flat}
 
@@ -318,10 +321,32 @@ def _read_metadata(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
         raise ValueError(f"orbax checkpoint {path}: unreadable {CONFIG_FILE}: {e}") from e
     try:
         manifest = json.loads((path / MANIFEST_FILE).read_text())
+    except ValueError as e:
+        raise ValueError(f"orbax checkpoint {path}: garbled {MANIFEST_FILE}: {e!r}") from e
+    _check_version(path, manifest)
+    try:
         _check_manifest_format(manifest)
     except (ValueError, TypeError, KeyError) as e:
         raise ValueError(f"orbax checkpoint {path}: garbled {MANIFEST_FILE}: {e!r}") from e
     return cfg, manifest
+
+
+def _check_version(path: Path, manifest) -> None:
+    """An older layout of ours is refused with what to do; a newer one with which version reads it."""
+    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
+        return  # not ours: _check_manifest_format names it
+    version = manifest.get("version")
+    if is_int(version) and version < _VERSION:
+        raise ValueError(
+            f"orbax checkpoint {path} has layout version {version} (one tensor per layer), written by an older "
+            f"jaxinfer; this one reads version {_VERSION} (layers stacked). Convert the original checkpoint again: "
+            f"jaxinfer convert SRC {path} --overwrite"
+        )
+    if is_int(version) and version > _VERSION:
+        raise ValueError(
+            f"orbax checkpoint {path} has layout version {version}, newer than this jaxinfer reads ({_VERSION}); "
+            "upgrade jaxinfer"
+        )
 
 
 def _check_manifest_format(manifest) -> None:

@@ -1,0 +1,112 @@
+"""Paged attention in plain XLA ops that reads only the key blocks some query of the batch can see.
+
+The reference (`pallas_kernels.reference.attention_reference`) gathers every page of every row and scores all
+S = pages_per_seq * page_size keys: [B, K, G, T, S] float32 scores, and S grows with the cache, not with what
+was written. This is the same contract (q [B, T, N, H] at q_positions [B, T] attends to keys
+0..kv_lengths[b]-1, causal, inside the sliding window), computed flash-style: a `fori_loop` over blocks of
+`block_keys` keys with an online softmax, whose bounds are traced from the positions and lengths. A chunk of a
+chunked prefill visits the blocks from its window's start to its last query (never the padded tail of the
+context); a decode step the blocks up to the longest row's length. Work and memory: [B, K, G, T, block_keys]
+scores at a time, and (visible keys / block_keys) iterations.
+
+float32 throughout at HIGHEST precision, as the reference (XLA:CPU has no batched BF16 x BF16 = F32 dot on
+jax 0.10.2, and parity tests compare against HF in float32).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_MASKED = -1e30  # finite: a block a row cannot see leaves its running max and sum unchanged, never NaN
+DEFAULT_BLOCK_KEYS = 512  # keys per loop iteration (rounded to whole pages): CPU measurements in profiles/README.md
+
+
+def _block_pages(page_size: int, pages_per_seq: int, block_keys: int) -> int:
+    return max(1, min(pages_per_seq, block_keys // page_size))
+
+
+def _gather_block(pages, page_ids, layer):
+    """pages [K, P, ps, H] or [L, K, P, ps, H]; page_ids [B, n] -> [B, n, K, ps, H] float32."""
+    if layer is None:
+        return pages[:, page_ids].transpose(1, 2, 0, 3, 4).astype(jnp.float32)  # [K, B, n, ps, H] -> [B, n, K, ..]
+    return pages[layer, :, page_ids].astype(jnp.float32)  # scalar and table split by a slice: [B, n, K, ps, H]
+
+
+def _varying_like(x: jax.Array, *like: jax.Array) -> jax.Array:
+    """x plus an exact zero computed from each of `like` (a sum over none of its elements): inside shard_map it
+    then varies over the mesh axes they vary over, as the loop's initial carry must to have the type of what the
+    body returns; outside shard_map it is x. Public API only, the same on jax 0.10 and 0.11."""
+    for a in like:
+        x = x + jnp.sum(a.reshape(-1)[:0]).astype(x.dtype)
+    return x
+
+
+def visible_range(q_positions, kv_lengths, sliding_window: int | None) -> tuple[jax.Array, jax.Array]:
+    """-> (lo, hi) [] int32: every key any query of the batch may see lies in [lo, hi)."""
+    valid = q_positions >= 0  # [B, T]
+    last = jnp.max(jnp.where(valid, q_positions, -1), axis=1)  # [B]
+    hi = jnp.max(jnp.minimum(kv_lengths, last + 1))  # causal and written
+    if sliding_window is None:
+        return jnp.zeros((), jnp.int32), jnp.maximum(hi, 0).astype(jnp.int32)
+    first = jnp.min(jnp.where(valid, q_positions, jnp.iinfo(jnp.int32).max))
+    lo = jnp.maximum(first - sliding_window + 1, 0)
+    return lo.astype(jnp.int32), jnp.maximum(hi, 0).astype(jnp.int32)
+
+
+def blocked_attention(
+    q, k_pages, v_pages, page_table, q_positions, kv_lengths, *, sliding_window=None, layer=None,
+    block_keys: int = DEFAULT_BLOCK_KEYS,
+):
+    """q [B, T, N, H] at q_positions [B, T] (-1 = padding) -> [B, T, N, H] in q.dtype; rows that see no key -> 0.
+
+    k_pages, v_pages [K, P, page_size, H], or [L, K, P, page_size, H] with `layer` the index to read.
+    page_table [B, pages_per_seq]; kv_lengths [B] keys written per row."""
+    B, T, N, H = q.shape
+    *_, K, _, page_size, _ = k_pages.shape
+    G = N // K
+    pages_per_seq = page_table.shape[1]
+    n = _block_pages(page_size, pages_per_seq, block_keys)  # pages per block
+    num_blocks = -(-pages_per_seq // n)
+    table = jnp.pad(page_table, ((0, 0), (0, num_blocks * n - pages_per_seq)))  # [B, num_blocks * n]; tail masked
+    width = n * page_size  # keys per block
+
+    qg = q.astype(jnp.float32).reshape(B, T, K, G, H) * H**-0.5  # [B, T, K, G, H]
+    qpos = q_positions[:, :, None]  # [B, T, 1]
+    lo, hi = visible_range(q_positions, kv_lengths, sliding_window)
+
+    def step(j, carry):
+        m, denom, acc = carry  # running max, softmax denominator [B, K, G, T]; numerator [B, K, G, T, H]
+        ids = jax.lax.dynamic_slice_in_dim(table, j * n, n, axis=1)  # [B, n]
+        k = _gather_block(k_pages, ids, layer).reshape(B, n, K, page_size, H)
+        v = _gather_block(v_pages, ids, layer)
+        s = j * width + jnp.arange(width)  # [W] absolute key positions
+        written = s[None, :] < kv_lengths[:, None]  # [B, W]
+        # Slots past a row's length may hold anything (NaN included): zero them so 0 * NaN never appears.
+        v = jnp.where(written.reshape(B, n, 1, page_size, 1), v, 0.0)
+        scores = jnp.einsum("BTKGH,BnKpH->BKGTnp", qg, k, precision="highest").reshape(B, K, G, T, width)
+        mask = written[:, None, :] & (s[None, None, :] <= qpos)  # [B, T, W]
+        if sliding_window is not None:
+            mask &= qpos - s[None, None, :] < sliding_window
+        mask = mask[:, None, None]  # [B, 1, 1, T, W]
+        scores = jnp.where(mask, scores, _MASKED)
+        m_new = jnp.maximum(m, jnp.max(scores, axis=-1))  # [B, K, G, T]
+        p = jnp.where(mask, jnp.exp(scores - m_new[..., None]), 0.0)  # [B, K, G, T, W]
+        correction = jnp.exp(m - m_new)
+        denom = denom * correction + jnp.sum(p, axis=-1)
+        pv = jnp.einsum("BKGTnp,BnKpH->BKGTH", p.reshape(B, K, G, T, n, page_size), v, precision="highest")
+        return m_new, denom, acc * correction[..., None] + pv
+
+    init = tuple(
+        _varying_like(x, q, k_pages, v_pages, page_table, q_positions, kv_lengths)
+        for x in (
+            jnp.full((B, K, G, T), _MASKED, jnp.float32),
+            jnp.zeros((B, K, G, T), jnp.float32),
+            jnp.zeros((B, K, G, T, H), jnp.float32),
+        )
+    )
+    first_block, end_block = lo // width, -(-hi // width)
+    _, denom, acc = jax.lax.fori_loop(first_block, jnp.maximum(end_block, first_block), step, init)
+    seen = denom > 0  # a row with a visible key has denom >= 1 (its max term is exp(0))
+    o = jnp.where(seen[..., None], acc / jnp.where(seen, denom, 1.0)[..., None], 0.0)  # [B, K, G, T, H]
+    return o.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)
