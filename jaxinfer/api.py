@@ -26,7 +26,8 @@ class Model:
 
 
 def load_model(
-    path: str | Path = DEFAULT_MODEL, dtype: str | None = None, tensor_parallel: int = 1, *, progress=False
+    path: str | Path = DEFAULT_MODEL, dtype: str | None = None, tensor_parallel: int = 1, *, progress=False,
+    layout: str | None = None,
 ) -> Model:
     """Load weights, config and tokenizer, all checked before anything is returned.
 
@@ -37,9 +38,12 @@ def load_model(
     straight from the file to its shards, never whole onto one device. N must divide the heads, ffn_dim and
     the vocabulary, and not exceed the devices; a bad N raises ValueError naming it.
     progress: True draws a bar on stderr; a callable gets (tensors done, total).
+    layout: "scanned" (layer weights stacked, one scan body) or "unrolled" (per layer); None: the platform's
+    measured default (jaxinfer.model.DEFAULT_LAYOUT). Tokens and logits are the same either way.
     """
+    _check_layout(layout)
     mesh = _mesh(tensor_parallel)  # the config-independent checks first, before any file is read
-    return open_checkpoint(path).load(dtype, mesh=mesh, progress=progress)
+    return open_checkpoint(path).load(dtype, mesh=mesh, progress=progress, layout=layout)
 
 
 def load_config(path: str | Path = DEFAULT_MODEL, dtype: str | None = None) -> ModelConfig:
@@ -71,8 +75,16 @@ class Checkpoint:
             return read_gguf_config(self.path, dtype, reader=self._reader())
         return {"orbax": read_orbax_config, "hf": read_hf_config}[self.kind](self.path, dtype)
 
-    def load(self, dtype: str | None = None, tensor_parallel: int = 1, *, mesh: Mesh | None = None, progress=False):
+    def load(
+        self, dtype: str | None = None, tensor_parallel: int = 1, *, mesh: Mesh | None = None, progress=False,
+        layout: str | None = None,
+    ):
         """-> Model, as load_model. mesh: an already made tensor-parallel mesh (else one for tensor_parallel)."""
+        _check_layout(layout)
+        cfg, params, tokenizer, mesh = self._load(dtype, tensor_parallel, mesh, progress)
+        return Model(cfg, model.with_layout(params, layout or model.layout_for_platform()), tokenizer, mesh)
+
+    def _load(self, dtype, tensor_parallel, mesh, progress):
         from jaxinfer.checkpoints.gguf_file import load_gguf
         from jaxinfer.checkpoints.hf import load_hf
         from jaxinfer.checkpoints.orbax_ckpt import load_orbax, read_orbax_config
@@ -82,13 +94,13 @@ class Checkpoint:
         if self.kind == "gguf":
             reader = self._reader()
             cfg, params = load_gguf(self.path, dtype, progress=on_progress, reader=reader, mesh=mesh)
-            return Model(cfg, params, Tokenizer.from_gguf(reader), mesh)
+            return cfg, params, Tokenizer.from_gguf(reader), mesh
         if self.kind == "orbax":
             shardings = None if mesh is None else sharding.param_shardings(read_orbax_config(self.path), mesh)
             cfg, params = load_orbax(self.path, dtype, progress=on_progress, shardings=shardings)
-            return Model(cfg, params, _tokenizer_in(self.path), mesh)
+            return cfg, params, _tokenizer_in(self.path), mesh
         cfg, params = load_hf(self.path, dtype, progress=on_progress, mesh=mesh)
-        return Model(cfg, params, _tokenizer_in(self.path), mesh)
+        return cfg, params, _tokenizer_in(self.path), mesh
 
     def _reader(self):
         from jaxinfer.checkpoints.gguf_file import read_gguf
@@ -116,18 +128,26 @@ def open_checkpoint(path: str | Path = DEFAULT_MODEL) -> Checkpoint:
 
 
 def random_model(
-    preset: str | ModelConfig, seed: int = 0, dtype: str | None = None, tensor_parallel: int = 1
+    preset: str | ModelConfig, seed: int = 0, dtype: str | None = None, tensor_parallel: int = 1, *,
+    layout: str | None = None,
 ) -> Model:
     """Random weights for a preset name (configs/<name>.json) or a ModelConfig: tests and benchmarks.
 
-    tensor_parallel > 1 generates them in place on the mesh: the same values as tensor_parallel=1."""
+    tensor_parallel > 1 generates them in place on the mesh: the same values as tensor_parallel=1.
+    layout as for load_model."""
+    _check_layout(layout)
     cfg = ModelConfig.preset(preset) if isinstance(preset, str) else preset
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
     mesh = _mesh(tensor_parallel)
-    if mesh is None:
-        return Model(cfg, model.init_params(cfg, jax.random.key(seed)))
-    return Model(cfg, sharding.init_params(cfg, jax.random.key(seed), mesh), mesh=mesh)
+    key = jax.random.key(seed)
+    params = model.init_params(cfg, key) if mesh is None else sharding.init_params(cfg, key, mesh)
+    return Model(cfg, model.with_layout(params, layout or model.layout_for_platform()), mesh=mesh)
+
+
+def _check_layout(layout) -> None:
+    if layout is not None and layout not in model.LAYOUTS:
+        raise ValueError(f"layout={layout!r} must be one of {model.LAYOUTS} or None")
 
 
 def _mesh(tensor_parallel: int) -> Mesh | None:

@@ -14,7 +14,8 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None, progr
     """Load src (default, .gguf, HF or orbax dir), write dst atomically: an interrupted convert leaves nothing.
     A dst that cannot be written is refused before src is read."""
     check_destination(dst, overwrite)
-    model = load_model(src, dtype, progress=progress_lib.resolve(progress, f"reading {Path(str(src)).name}"))
+    reading = progress_lib.resolve(progress, f"reading {Path(str(src)).name}")
+    model = load_model(src, dtype, progress=reading, layout="scanned")  # orbax stores the stacked layout
     extra_files = {}
     if model.tokenizer is not None:
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,7 +1,11 @@
 """The whole decoder as pure functions: embed -> L x (norm, attention, norm, MLP) -> norm -> logits.
 
-The L layers' weights are stacked on a leading layer axis (Layer's fields are [L, ...]), as is the KV cache, and
-the layers run as one `lax.scan` body: one layer traced and compiled once, whatever L is.
+Two layouts of the layer weights, one forward: stacked on a leading layer axis (Layer's fields [L, ...], what the
+loaders and orbax produce), run as one `lax.scan` body (one layer traced and compiled once, whatever L is); or a
+tuple of L per-layer Layers, unrolled into the program (L copies of the layer: several times the compile time).
+The layout is the pytree's structure, so it is static under jit. Unrolled exists because XLA:CPU copies each
+layer's slice of the stacked weights out before its matmuls, which made a scanned decode step ~40% slower on
+the CPU (profiles/README.md); `layout_for_platform` picks by measurement. The KV cache is stacked either way.
 
 Einsum letters: B batch, T query length, S key length, D d_model, F ffn, N q heads, K kv heads,
 G = N // K, H head_dim, V vocab, L layers.
@@ -56,14 +60,47 @@ class Layer:
 @dataclasses.dataclass
 class Params:
     embed: jax.Array  # [V, D]
-    layers: Layer  # every field stacked: [L, ...]
+    layers: Layer | tuple[Layer, ...]  # stacked (every field [L, ...]: scanned) or L Layers (unrolled)
     final_norm: jax.Array  # [D]
     lm_head: jax.Array | None  # [D, V]; None when tied to embed
 
 
-def layer_slice(layers: Layer, i) -> Layer:
-    """Layer i's weights out of the stacked Layer (i an int or a traced index)."""
-    return jax.tree.map(lambda w: w[i], layers)
+LAYOUTS = ("scanned", "unrolled")
+# Chosen by measurement (profiles/README.md): on the CPU the scanned decode step ran ~40% slower (XLA:CPU copies
+# each layer's weight slice before its dots); elsewhere scanning, for its compile time, until a GPU measures.
+DEFAULT_LAYOUT = {"cpu": "unrolled"}
+
+
+def layout_for_platform(platform: str | None = None) -> str:
+    return DEFAULT_LAYOUT.get(platform or jax.default_backend(), "scanned")
+
+
+def layout_of(params: Params) -> str:
+    return "unrolled" if isinstance(params.layers, tuple) else "scanned"
+
+
+def with_layout(params: Params, layout: str) -> Params:
+    """params with its layers stacked ("scanned") or split into L per-layer Layers ("unrolled"), field by field
+    (one field's extra copy at a time; the old arrays are freed when the caller drops `params`)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} must be one of {LAYOUTS}")
+    if layout == layout_of(params):
+        return params
+    names = [f.name for f in dataclasses.fields(Layer)]
+    if layout == "unrolled":
+        stacked = params.layers
+        num_layers = stacked.attn_norm.shape[0]
+        columns = {n: [None] * num_layers if getattr(stacked, n) is None else _unstack(getattr(stacked, n))
+                   for n in names}
+        layers = tuple(Layer(**{n: columns[n][i] for n in names}) for i in range(num_layers))
+    else:
+        layers = Layer(**{n: None if getattr(params.layers[0], n) is None else
+                          _stack(tuple(getattr(layer, n) for layer in params.layers)) for n in names})
+    return dataclasses.replace(params, layers=layers)
+
+
+_unstack = jax.jit(lambda w: tuple(jnp.unstack(w)))  # [L, ...] -> L x [...], one program per shape
+_stack = jax.jit(jnp.stack)
 
 
 def param_specs(cfg: ModelConfig) -> Params:
@@ -246,8 +283,8 @@ def forward_hidden(
 ) -> tuple[jax.Array, kv_cache.KVCache]:
     """-> (final-normed hidden states [B, T, D], cache with this chunk's K/V written).
 
-    runtime: the attention backend and whether the layers are scanned or unrolled (runtime.mesh is
-    jaxinfer.sharding's business: it calls this function inside shard_map).
+    params.layers: stacked, run as one scan body; a tuple of layers, unrolled (see the module docstring).
+    runtime: the attention backend (runtime.mesh is jaxinfer.sharding's business: it calls this inside shard_map).
     tp_axis: inside shard_map, the mesh axis the heads, F and V are split over; params and cache are then this
     device's shards, and each layer ends its attention and its MLP with one psum.
     """
@@ -260,12 +297,10 @@ def forward_hidden(
     with jax.named_scope("embed"):
         x = embed_lookup(params.embed, tokens, tp_axis)  # [B, T, D]
     k_pages, v_pages = cache.k_pages, cache.v_pages  # [L, K, P, page_size, H]
-    if runtime.unroll_layers:
-        for i in range(cfg.num_layers):
+    if isinstance(params.layers, tuple):
+        for i, layer in enumerate(params.layers):
             with jax.named_scope(f"layer_{i}"):
-                x, k_pages, v_pages = decoder_layer(
-                    layer_slice(params.layers, i), cfg, x, k_pages, v_pages, i, **layer_args
-                )
+                x, k_pages, v_pages = decoder_layer(layer, cfg, x, k_pages, v_pages, i, **layer_args)
     else:
         # The whole stacked cache is carried (the scatter of each layer's K/V into it is in place); the weights are
         # scanned over, layer i's slice in the body. In a trace, each iteration of the scan's while loop is a layer.

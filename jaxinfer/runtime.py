@@ -18,21 +18,16 @@ class Runtime:
     """attention_backend: one of attention.BACKENDS, or None for the platform's default (attention.DEFAULT_BACKEND).
     mesh: None runs on one device; a jax.sharding.Mesh runs the model and sampling under shard_map over its tp
     axis (jaxinfer.sharding), with the same results.
-    unroll_layers: False runs the decoder layers as one `lax.scan` body (one layer traced and compiled once);
-    True unrolls them into the program (30 copies of the layer for SmolLM2): the same values, several times the
-    compile time, kept for backends where it measures faster (profiles/README.md has the measurements)."""
+    (Scanned or unrolled layers is the params' layout, jaxinfer.model.with_layout: static as a pytree structure.)"""
 
     attention_backend: str | None = None
     mesh: Mesh | None = None
-    unroll_layers: bool = False
 
     def __post_init__(self):
         if self.attention_backend is not None and self.attention_backend not in BACKENDS:
             raise ValueError(f"attention_backend={self.attention_backend!r} must be one of {BACKENDS} or None")
         if self.mesh is not None and not isinstance(self.mesh, Mesh):
             raise TypeError(f"mesh must be a jax.sharding.Mesh or None, not {type(self.mesh).__name__}")
-        if not isinstance(self.unroll_layers, bool):
-            raise TypeError(f"unroll_layers={self.unroll_layers!r} must be a bool")
 
 
 DEFAULT = Runtime()

@@ -107,6 +107,15 @@ def param_pspecs(cfg: ModelConfig, tensor_parallel: int) -> model.Params:
                         is_leaf=lambda x: isinstance(x, model.TensorSpec))
 
 
+def pspecs_like(params: model.Params, cfg: ModelConfig, tensor_parallel: int) -> model.Params:
+    """param_pspecs in the layout of `params`: stacked, or per layer (each spec without the leading layer axis)."""
+    specs = param_pspecs(cfg, tensor_parallel)
+    if model.layout_of(params) == "scanned":
+        return specs
+    one_layer = jax.tree.map(lambda spec: P(*spec[1:]), specs.layers)
+    return dataclasses.replace(specs, layers=tuple(one_layer for _ in params.layers))
+
+
 def param_shardings(cfg: ModelConfig, mesh: Mesh) -> model.Params:
     """The Params pytree with a NamedSharding at every leaf (load_orbax's `shardings=`, loaders' placement)."""
     check_tensor_parallel(cfg, tp_size(mesh))
@@ -160,25 +169,39 @@ def _cache_initializer(cfg: ModelConfig, mesh: Mesh, sizes: tuple):
 
 def _local_params(params: model.Params, cfg: ModelConfig, tp: int) -> model.Params:
     """Inside shard_map: check the local shapes; with kv_heads < tp keep only the kv head this device's q heads read."""
-    D, F, N, K, H, V = cfg.d_model, cfg.ffn_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
-    L, layer = cfg.num_layers, params.layers  # every layer field stacked: [L, ...]
+    D, V = cfg.d_model, cfg.vocab_size
     assert params.embed.shape == (V // tp, D), params.embed.shape
     assert params.lm_head is None or params.lm_head.shape == (D, V // tp), params.lm_head.shape
-    assert layer.wq.shape == (L, D, N // tp, H), layer.wq.shape
-    assert layer.wo.shape == (L, N // tp, H, D), layer.wo.shape
-    assert layer.w_gate.shape == layer.w_up.shape == (L, D, F // tp) and layer.w_down.shape == (L, F // tp, D)
-    if K < tp:  # device d serves q heads [d N/tp, (d+1) N/tp): all read kv head d // (tp // K)
-        assert layer.wk.shape == (L, D, K, H), layer.wk.shape
-        own = jax.lax.axis_index(TP) // (tp // K)
+    own = None if cfg.num_kv_heads >= tp else jax.lax.axis_index(TP) // (tp // cfg.num_kv_heads)
+    if model.layout_of(params) == "scanned":
+        layers = _local_layer(params.layers, cfg, tp, own, (cfg.num_layers,))
+    else:
+        layers = tuple(_local_layer(layer, cfg, tp, own, ()) for layer in params.layers)
+    return dataclasses.replace(params, layers=layers)
+
+
+def _local_layer(layer: model.Layer, cfg: ModelConfig, tp: int, own, lead: tuple[int, ...]) -> model.Layer:
+    """One Layer's local shards (lead: (L,) for the stacked fields, () for one layer's). own: None, or the kv head
+    this device's q heads read when kv_heads < tp (device d serves q heads [d N/tp, (d+1) N/tp): all read kv head
+    d // (tp // K))."""
+    D, F, N, K, H = cfg.d_model, cfg.ffn_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    assert layer.wq.shape == (*lead, D, N // tp, H), layer.wq.shape
+    assert layer.wo.shape == (*lead, N // tp, H, D), layer.wo.shape
+    assert layer.w_gate.shape == layer.w_up.shape == (*lead, D, F // tp)
+    assert layer.w_down.shape == (*lead, F // tp, D), layer.w_down.shape
+    if own is not None:
+        assert layer.wk.shape == (*lead, D, K, H), layer.wk.shape
+        kv_axis = len(lead) + 1  # wk/wv [..., D, K, H]; bk/bv [..., K, H]
 
         def take(w, axis):
             return None if w is None else jax.lax.dynamic_slice_in_dim(w, own, 1, axis)
 
         layer = dataclasses.replace(
-            layer, wk=take(layer.wk, 2), wv=take(layer.wv, 2), bk=take(layer.bk, 1), bv=take(layer.bv, 1)
+            layer, wk=take(layer.wk, kv_axis), wv=take(layer.wv, kv_axis), bk=take(layer.bk, kv_axis - 1),
+            bv=take(layer.bv, kv_axis - 1),
         )
-    assert layer.wk.shape == (L, D, max(K // tp, 1), H), layer.wk.shape
-    return dataclasses.replace(params, layers=layer)
+    assert layer.wk.shape == (*lead, D, max(K // tp, 1), H), layer.wk.shape
+    return layer
 
 
 def _collective_axis(mesh: Mesh) -> str | None:
@@ -203,7 +226,7 @@ def forward_hidden(params, cfg, tokens, positions, cache, seq_ids, *, runtime: R
     return jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(param_pspecs(cfg, tp), P(), P(), cache_specs, P()),
+        in_specs=(pspecs_like(params, cfg, tp), P(), P(), cache_specs, P()),
         out_specs=(P(), cache_specs),  # hidden states are whole on every device after the last psum
         check_vma=tp > 1,  # without psums (tp=1) the check cannot see that one device's values are replicated
     )(params, tokens, positions, cache, seq_ids)
@@ -217,7 +240,7 @@ def logits(params, cfg, hidden, *, mesh: Mesh | None = None):
     return jax.shard_map(
         lambda params, hidden: model.logits(params, cfg, hidden),
         mesh=mesh,
-        in_specs=(param_pspecs(cfg, tp_size(mesh)), P()),
+        in_specs=(pspecs_like(params, cfg, tp_size(mesh)), P()),
         out_specs=vocab_split,
     )(params, hidden)
 
@@ -254,7 +277,8 @@ def hlo_collectives(compiled_text: str) -> dict[str, int]:
 
 
 def to_mesh(params: model.Params, cfg: ModelConfig, mesh: Mesh) -> model.Params:
-    """Reshard existing params onto a mesh (another mesh size, or from one device), tensor by tensor."""
-    shardings = param_shardings(cfg, mesh)
+    """Reshard existing params (either layout) onto a mesh (another mesh size, or from one device), tensor by tensor."""
+    check_tensor_parallel(cfg, tp_size(mesh))
+    shardings = jax.tree.map(lambda p: NamedSharding(mesh, p), pspecs_like(params, cfg, tp_size(mesh)))
     return jax.tree.map(lambda a, s: jax.device_put(a, s), params, shardings)
 

@@ -8,7 +8,7 @@
     write_row        one row's settings (sampling, keys, stops, limit) into a slot of RowSettings
 
 Every function takes (params, cfg, ...) and the keyword `runtime` (jaxinfer.runtime.Runtime: attention
-backend, mesh, scanned or unrolled layers), cfg and runtime static, and returns what it changed; the cache (or
+backend, mesh), cfg and runtime static (params in either layer layout, jaxinfer.model.with_layout), and returns what it changed; the cache (or
 the decode state holding it) is donated, so it is updated in place. Shapes are the caller's buckets: each
 distinct shape is one compiled program.
 """

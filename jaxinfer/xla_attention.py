@@ -19,7 +19,11 @@ import jax
 import jax.numpy as jnp
 
 _MASKED = -1e30  # finite: a block a row cannot see leaves its running max and sum unchanged, never NaN
-DEFAULT_BLOCK_KEYS = 512  # keys per loop iteration (rounded to whole pages): CPU measurements in profiles/README.md
+# Keys per loop iteration (rounded to whole pages), measured on the 2-core CPU (profiles/README.md): a prefill
+# chunk's [B, K, G, T, 512] scores stay small; a decode step (T = 1) reads larger blocks, fewer iterations (each
+# layer's loop is a while loop of its own: 512-key blocks made the step ~10% slower than one gather).
+DEFAULT_BLOCK_KEYS = 512
+DECODE_BLOCK_KEYS = 2048
 
 
 def _block_pages(page_size: int, pages_per_seq: int, block_keys: int) -> int:
@@ -56,9 +60,11 @@ def visible_range(q_positions, kv_lengths, sliding_window: int | None) -> tuple[
 
 def blocked_attention(
     q, k_pages, v_pages, page_table, q_positions, kv_lengths, *, sliding_window=None, layer=None,
-    block_keys: int = DEFAULT_BLOCK_KEYS,
+    block_keys: int | None = None,
 ):
     """q [B, T, N, H] at q_positions [B, T] (-1 = padding) -> [B, T, N, H] in q.dtype; rows that see no key -> 0.
+
+    block_keys: keys per iteration; None: DECODE_BLOCK_KEYS for T = 1, else DEFAULT_BLOCK_KEYS.
 
     k_pages, v_pages [K, P, page_size, H], or [L, K, P, page_size, H] with `layer` the index to read.
     page_table [B, pages_per_seq]; kv_lengths [B] keys written per row."""
@@ -66,6 +72,7 @@ def blocked_attention(
     *_, K, _, page_size, _ = k_pages.shape
     G = N // K
     pages_per_seq = page_table.shape[1]
+    block_keys = block_keys or (DECODE_BLOCK_KEYS if T == 1 else DEFAULT_BLOCK_KEYS)
     n = _block_pages(page_size, pages_per_seq, block_keys)  # pages per block
     num_blocks = -(-pages_per_seq // n)
     table = jnp.pad(page_table, ((0, 0), (0, num_blocks * n - pages_per_seq)))  # [B, num_blocks * n]; tail masked

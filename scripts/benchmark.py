@@ -20,7 +20,8 @@ import numpy as np
 import jaxinfer
 from jaxinfer.timing import median_seconds
 from jaxinfer import roofline
-from jaxinfer.attention import BACKENDS
+from jaxinfer import model as model_lib
+from jaxinfer.attention import BACKENDS, resolve_backend
 from jaxinfer.generate import DEFAULT_PREFILL_CHUNK, allocate_cache, prompt_chunks
 from jaxinfer.runtime import Runtime
 from jaxinfer.sampling import SamplingArrays, SamplingParams, row_keys
@@ -95,7 +96,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=64, help="decode steps per timed generate_loop call")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--attention-backend", choices=BACKENDS, default=None, help="default: the platform's")
-    p.add_argument("--unroll-layers", action="store_true", help="unroll the decoder layers instead of scanning them")
+    p.add_argument("--layout", choices=model_lib.LAYOUTS, default=None,
+                   help="layer weights stacked and scanned, or per layer and unrolled (default: the platform's)")
     p.add_argument("--gpu", default=None, help=f"peaks for MBU/MFU, one of {sorted(roofline.GPUS)}")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=10)
@@ -103,13 +105,14 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     gpu = roofline.gpu(args.gpu) if args.gpu else None
-    model = jaxinfer.random_model(args.preset, dtype=args.dtype)
-    runtime = Runtime(attention_backend=args.attention_backend, unroll_layers=args.unroll_layers)
+    model = jaxinfer.random_model(args.preset, dtype=args.dtype, layout=args.layout)
+    runtime = Runtime(attention_backend=args.attention_backend)
     cfg = model.cfg
     kv_elem = jnp.dtype(cfg.dtype).itemsize
     print(
         f"{args.preset} {cfg.dtype}, {roofline.param_count(cfg) / 1e9:.2f} B params, jax {jax.__version__} on "
-        f"{jax.devices()[0].device_kind}, page_size {args.page_size}, {runtime}"
+        f"{jax.devices()[0].device_kind}, page_size {args.page_size}, attention {resolve_backend(args.attention_backend)}, "
+        f"layers {model_lib.layout_of(model.params)}"
     )
     results = []
     if args.prompt_len:

@@ -119,6 +119,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     initialize_distributed(args)
     import jaxinfer
+    from jaxinfer import model as model_lib
     from jaxinfer import sharding
 
     tp = jax.device_count() if args.tp is None else args.tp
@@ -155,11 +156,13 @@ def main(argv=None) -> None:
     t_prefill, t_decode, hlo = time_steps(model, args.batch, args.prompt_len, args.steps, args.warmup, args.iters)
     collectives = sharding.hlo_collectives(hlo)
     # Per decode step: one [B, D] all-reduce after attention and one after the MLP per layer, one for the embedding;
-    # the layers are one scan body, so the HLO holds the layer's two once (run num_layers times).
+    # with the layers scanned the HLO holds the layer body's two once (run num_layers times).
     reduce_bytes = (2 * cfg.num_layers + 1) * args.batch * cfg.d_model * jnp.dtype(cfg.dtype).itemsize
-    expected = 3 if tp > 1 else 0
-    say(f"decode step HLO: {collectives['all-reduce']} all-reduces (expected {expected}: 2 in the layer scan body, "
-        f"run {cfg.num_layers} times, + 1 embedding; none at tp=1), {collectives['all-gather']} all-gathers; "
+    layout = model_lib.layout_of(model.params)
+    in_hlo = 2 * cfg.num_layers if layout == "unrolled" else 2
+    expected = in_hlo + 1 if tp > 1 else 0
+    say(f"decode step HLO: {collectives['all-reduce']} all-reduces (expected {expected}: {in_hlo} for the "
+        f"{cfg.num_layers} {layout} layers + 1 embedding, none at tp=1), {collectives['all-gather']} all-gathers; "
         f"{reduce_bytes / 1e3:.1f} kB all-reduced per step")
     say(f"prefill batch {args.batch} prompt {args.prompt_len}: {1e3 * t_prefill:.2f} ms")
     say(f"decode batch {args.batch}: {1e3 * t_decode:.3f} ms/step, {args.batch / t_decode:.0f} tok/s")

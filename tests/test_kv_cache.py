@@ -17,8 +17,10 @@ from jaxinfer.runtime import Runtime
 
 PAGE_SIZE = 4
 forward = jax.jit(model.forward, static_argnames=("cfg", "runtime"), donate_argnames=("cache",))
-# The plain-XLA blocked attention (the default), the gather-everything reference, and unrolled layers.
-RUNTIMES = [Runtime(attention_backend="xla"), Runtime(attention_backend="reference"), Runtime(unroll_layers=True)]
+# (attention backend, layer layout): the plain-XLA blocked attention (the default), the gather-everything
+# reference, each over the stacked (scanned) layers, and the blocked attention over unrolled layers.
+VARIANTS = [("xla", "scanned"), ("reference", "scanned"), ("xla", "unrolled")]
+VARIANT_IDS = [f"{b}-{layout}" for b, layout in VARIANTS]
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +37,10 @@ def make_cache(cfg, page_tables: np.ndarray, num_pages: int, fill=0.0):
     return dataclasses.replace(cache, k_pages=k_pages, v_pages=v_pages, page_table=jnp.asarray(page_tables, jnp.int32))
 
 
-def run_chunks(cfg, params, tokens: np.ndarray, chunks: list[int], cache, runtime=Runtime()):
+def run_chunks(cfg, params, tokens: np.ndarray, chunks: list[int], cache, variant=("reference", "scanned")):
     """Feed tokens [B, T] through forward chunk by chunk -> logits [B, T, V]."""
+    backend, layout = variant
+    runtime, params = Runtime(attention_backend=backend), model.with_layout(params, layout)
     out, start = [], 0
     seq_ids = jnp.arange(tokens.shape[0], dtype=jnp.int32)
     for n in chunks:
@@ -47,36 +51,34 @@ def run_chunks(cfg, params, tokens: np.ndarray, chunks: list[int], cache, runtim
     return np.concatenate(out, axis=1)
 
 
-@pytest.mark.parametrize("runtime", RUNTIMES, ids=lambda r: r.attention_backend or "unrolled")
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("sliding_window", [None, 5])
-def test_permuted_pages_with_nan_slots_equal_contiguous(tiny, sliding_window, runtime):
+def test_permuted_pages_with_nan_slots_equal_contiguous(tiny, sliding_window, variant):
     cfg, params = tiny
     cfg = cfg.replace(sliding_window=sliding_window)
     B, T, pages_per_seq = 3, 21, 6
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T)).astype(np.int32)
     contiguous = np.arange(B * pages_per_seq).reshape(B, pages_per_seq)
-    reference = Runtime(attention_backend="reference")
-    expected = run_chunks(cfg, params, tokens, [T], make_cache(cfg, contiguous, B * pages_per_seq), reference)
+    expected = run_chunks(cfg, params, tokens, [T], make_cache(cfg, contiguous, B * pages_per_seq))
 
     num_pages = 40  # a larger pool: most pages belong to nobody and hold NaN
     permuted = np.random.default_rng(1).permutation(num_pages)[: B * pages_per_seq].reshape(B, pages_per_seq)
-    got = run_chunks(cfg, params, tokens, [T], make_cache(cfg, permuted, num_pages, fill=np.nan), runtime)
+    got = run_chunks(cfg, params, tokens, [T], make_cache(cfg, permuted, num_pages, fill=np.nan), variant)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, expected, atol=TOLERANCE["model"]["float32"], rtol=0)
 
 
-@pytest.mark.parametrize("runtime", RUNTIMES, ids=lambda r: r.attention_backend or "unrolled")
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("chunks", [[1] * 19, [5, 7, 7], [3, 16]])
 @pytest.mark.parametrize("sliding_window", [None, 6])
-def test_chunked_and_token_by_token_equal_one_prefill(tiny, chunks, sliding_window, runtime):
+def test_chunked_and_token_by_token_equal_one_prefill(tiny, chunks, sliding_window, variant):
     cfg, params = tiny
     cfg = cfg.replace(sliding_window=sliding_window)
     B, T = 2, sum(chunks)
     tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, (B, T)).astype(np.int32)
     table = np.arange(B * 5).reshape(B, 5)
-    reference = Runtime(attention_backend="reference")
-    expected = run_chunks(cfg, params, tokens, [T], make_cache(cfg, table, B * 5), reference)
-    got = run_chunks(cfg, params, tokens, chunks, make_cache(cfg, table, B * 5), runtime)
+    expected = run_chunks(cfg, params, tokens, [T], make_cache(cfg, table, B * 5))
+    got = run_chunks(cfg, params, tokens, chunks, make_cache(cfg, table, B * 5), variant)
     np.testing.assert_allclose(got, expected, atol=TOLERANCE["model"]["float32"], rtol=0)
 
 

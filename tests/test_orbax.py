@@ -22,6 +22,8 @@ TOKENIZER_BYTES = b'{"version": "1.0"}\r\n\x00\xff not utf-8, kept verbatim'
 
 
 def assert_bit_exact(got: model.Params, want: model.Params) -> None:
+    """Bit-equal weights, compared in the stored (stacked) layout whatever layout each was loaded in."""
+    got, want = model.with_layout(got, "scanned"), model.with_layout(want, "scanned")
     assert jax.tree.structure(got) == jax.tree.structure(want)
     got, want = named_leaves(got), named_leaves(want)
     for name in want:
@@ -34,7 +36,7 @@ def assert_bit_exact(got: model.Params, want: model.Params) -> None:
 def saved(hf_checkpoint, tmp_path_factory):
     """(orbax checkpoint of the llama3 HF model in float32, with a tokenizer.json; the loaded Model). Read only."""
     path, _ = hf_checkpoint("llama3")
-    m = jaxinfer.load_model(path)
+    m = jaxinfer.load_model(path, layout="scanned")  # the stored layout, so its params compare with load_orbax's
     dst = tmp_path_factory.mktemp("orbax") / "llama3"
     save_orbax(m.cfg, m.params, dst, extra_files={"tokenizer.json": TOKENIZER_BYTES})
     return dst, m
@@ -80,7 +82,8 @@ def test_hf_to_orbax_round_trip_is_bit_exact(hf_checkpoint, tmp_path, family, dt
     assert (params.lm_head is None) == (family == "qwen2")
     if family == "llama3":  # one compile per dtype is enough: equal params give equal logits
         (ids,) = random_prompts(m.cfg.vocab_size, [11])
-        np.testing.assert_array_equal(jaxinfer.score(jaxinfer.Model(cfg, params), ids), jaxinfer.score(m, ids))
+        same_layout = model.with_layout(params, model.layout_of(m.params))  # one program: bit-equal logits
+        np.testing.assert_array_equal(jaxinfer.score(jaxinfer.Model(cfg, same_layout), ids), jaxinfer.score(m, ids))
 
 
 def test_load_with_dtype_casts_after_verification(saved, hf_checkpoint):

@@ -26,6 +26,7 @@ def tiny():
 
 
 def _prefill_in_chunks(cfg, params, prompts, chunk, runtime=Runtime()):
+    """(params in either layout)"""
     """prompts (ragged) -> (logits [B, V] after each row's last token, cache), chunk tokens per call."""
     B, longest = len(prompts), max(map(len, prompts))
     width = -(-longest // chunk) * chunk
@@ -62,7 +63,7 @@ def test_unrolled_layers_compute_the_scanned_values(tiny):
     cfg, params = tiny
     prompts = [np.random.default_rng(1).integers(0, cfg.vocab_size, 13).tolist()]
     scanned, _ = _prefill_in_chunks(cfg, params, prompts, 8)
-    unrolled, _ = _prefill_in_chunks(cfg, params, prompts, 8, Runtime(unroll_layers=True))
+    unrolled, _ = _prefill_in_chunks(cfg, model_lib.with_layout(params, "unrolled"), prompts, 8)
     np.testing.assert_allclose(unrolled, scanned, atol=TOLERANCE["model"]["float32"], rtol=0)
 
 
@@ -96,12 +97,24 @@ def test_write_row_replaces_one_slot_only(compilations):
 
 
 def test_runtime_is_a_static_hashable_key():
-    assert Runtime() == Runtime(attention_backend=None, mesh=None, unroll_layers=False)
+    assert Runtime() == Runtime(attention_backend=None, mesh=None)
     assert hash(Runtime(attention_backend="xla")) == hash(Runtime(attention_backend="xla"))
-    assert Runtime(unroll_layers=True) != Runtime()
+    assert Runtime(attention_backend="xla") != Runtime()
     with pytest.raises(ValueError, match="attention_backend='cudnn' must be one of"):
         Runtime(attention_backend="cudnn")
     with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh or None, not int"):
         Runtime(mesh=1)
-    with pytest.raises(TypeError, match="unroll_layers=1 must be a bool"):
-        Runtime(unroll_layers=1)
+
+
+def test_layouts_round_trip_and_bad_layout_is_named(tiny):
+    cfg, params = tiny
+    unrolled = model_lib.with_layout(params, "unrolled")
+    assert isinstance(unrolled.layers, tuple) and len(unrolled.layers) == cfg.num_layers
+    assert unrolled.layers[1].wq.shape == params.layers.wq.shape[1:]
+    back = model_lib.with_layout(unrolled, "scanned")
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="layout='stacked' must be one of"):
+        model_lib.with_layout(params, "stacked")
+    with pytest.raises(ValueError, match="layout='stacked' must be one of"):
+        jaxinfer.random_model("tiny", layout="stacked")

@@ -112,7 +112,7 @@ def save_orbax(
     progress: Callable[[int, int], None] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write params (matching abstract_params(cfg)) as an orbax checkpoint at dst; returns dst.
+    """Write params (matching abstract_params(cfg), in either layer layout) as an orbax checkpoint at dst.
 
     extra_files: {file name: bytes} written verbatim beside the weights (tokenizer.json, ...).
     progress(done, total): called after each tensor is checksummed (orbax has written the data by then).
@@ -120,6 +120,7 @@ def save_orbax(
     Single process: multi-host saves are not handled yet.
     """
     dst = check_destination(dst, overwrite)
+    params = model.with_layout(params, "scanned")  # the stored layout: stacked layers (a copy if unrolled)
     extra_files = dict(extra_files or {})
     _check_extra_files(extra_files)
     tensors = named_leaves(params)
