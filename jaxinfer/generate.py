@@ -30,9 +30,10 @@ MIN_NEW_TOKENS_BUCKET = 16
 MIN_CAPACITY_BUCKET = 32
 MIN_STOP_IDS_BUCKET = 4
 DEFAULT_PAGE_SIZE = 16
-# Tokens per prefill call. 512 measured best of 256 / 512 / 1024 on the 2-core CPU (profiles/README.md): longer
-# chunks amortise the weights' reads over more tokens, shorter ones bound the activations and the attention tile.
-DEFAULT_PREFILL_CHUNK = 512
+# Tokens per prefill call: 256 measured best of 128 / 256 / 512 for a 4,000-token prompt on the 2-core CPU
+# (profiles/README.md): the [K, G, T, block] score tiles stay in cache; longer chunks amortise the weights' reads
+# over more tokens, which matters less once a prompt is past a few hundred tokens.
+DEFAULT_PREFILL_CHUNK = 256
 
 
 def bucket(n: int, minimum: int = 1) -> int:

@@ -19,10 +19,11 @@ import jax
 import jax.numpy as jnp
 
 _MASKED = -1e30  # finite: a block a row cannot see leaves its running max and sum unchanged, never NaN
-# Keys per loop iteration (rounded to whole pages), measured on the 2-core CPU (profiles/README.md): a prefill
-# chunk's [B, K, G, T, 512] scores stay small; a decode step (T = 1) reads larger blocks, fewer iterations (each
-# layer's loop is a while loop of its own: 512-key blocks made the step ~10% slower than one gather).
-DEFAULT_BLOCK_KEYS = 512
+# Keys per loop iteration (rounded to whole pages), measured on the 2-core CPU (profiles/README.md): 256 for a
+# prefill chunk (of 128 / 256 / 512 with 256-token chunks: its [B, K, G, T, 256] scores stay in cache); a decode
+# step (T = 1) reads larger blocks, fewer iterations (each layer's loop is a while loop of its own: 512-key blocks
+# made the step ~10% slower than one gather).
+DEFAULT_BLOCK_KEYS = 256
 DECODE_BLOCK_KEYS = 2048
 
 
@@ -98,8 +99,10 @@ def blocked_attention(
         mask = mask[:, None, None]  # [B, 1, 1, T, W]
         scores = jnp.where(mask, scores, _MASKED)
         m_new = jnp.maximum(m, jnp.max(scores, axis=-1))  # [B, K, G, T]
-        p = jnp.where(mask, jnp.exp(scores - m_new[..., None]), 0.0)  # [B, K, G, T, W]
-        correction = jnp.exp(m - m_new)
+        # A row with no visible key so far has m_new = _MASKED; subtracting at least _MASKED / 2 sends its masked
+        # scores to exp(-5e29) = 0 (a real row's m_new is far above it), so no second select over the block.
+        p = jnp.exp(scores - jnp.maximum(m_new, _MASKED / 2)[..., None])  # [B, K, G, T, W]
+        correction = jnp.exp(m - m_new)  # 1 while a row has seen nothing (both _MASKED)
         denom = denom * correction + jnp.sum(p, axis=-1)
         pv = jnp.einsum("BKGTnp,BnKpH->BKGTH", p.reshape(B, K, G, T, n, page_size), v, precision="highest")
         return m_new, denom, acc * correction[..., None] + pv

@@ -24,7 +24,7 @@ def test_benchmark_prints_roofline_terms(capsys, tmp_path):
     bench.main(["--preset", "tiny", "--batch", "1", "2", "--context", "20", "--prompt-len", "32", "--steps", "4",
                 "--gpu", "h100", "--warmup", "1", "--iters", "2", "--json", str(out_json)])
     out = capsys.readouterr().out
-    assert "prefill batch 1 prompt 32 (chunks of 512): TTFT" in out and "MFU on h100" in out
+    assert "prefill batch 1 prompt 32 (chunks of 256): TTFT" in out and "MFU on h100" in out
     assert "decode batch 2 context 20:" in out and "% of HBM" in out and "floor" in out
     results = json.loads(out_json.read_text())["results"]
     assert [r["kind"] for r in results] == ["prefill", "decode", "decode"]
