@@ -40,7 +40,7 @@ CHUNKS = [
 ]
 
 
-@pytest.mark.parametrize("block_keys", [16, 32, 48, 4096], ids=lambda b: f"block{b}")
+@pytest.mark.parametrize("block_keys", [16, 32, 48, 4096], ids=lambda b: f"block{b}")  # 4096: one block, no loop
 @pytest.mark.parametrize("window", [None, 7, 20])
 @pytest.mark.parametrize("dtype,group,num_kv_heads", [("float32", 3, 2), ("float32", 1, 1), ("bfloat16", 4, 2)])
 def test_matches_reference(dtype, group, num_kv_heads, window, block_keys):
