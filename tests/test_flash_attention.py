@@ -55,16 +55,22 @@ def make_case(seed, *, dtype, head_dim, num_kv_heads, group, page_size, chunks, 
             jnp.asarray(page_table, jnp.int32), jnp.asarray(q_positions), jnp.asarray(kv_lengths))
 
 
-def check(args, *, sliding_window=None, interpret=True, **blocks):
+def assert_matches_reference(out, args, sliding_window, tol_by_dtype) -> None:
+    """out: an attention of args [(q, k_pages, v_pages, page_table, q_positions, kv_lengths)] -> the reference's
+    values within tol_by_dtype[q's dtype], finite, and exact zeros on padded (-1) query rows."""
     q, q_positions = args[0], args[4]
-    out = flash_attention(*args, sliding_window=sliding_window, interpret=interpret, **blocks)
     ref = attention_reference(*args, sliding_window=sliding_window)
     assert out.shape == q.shape and out.dtype == q.dtype
     out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
     assert np.isfinite(out).all()
-    tol = TOL[jnp.dtype(q.dtype).name]
+    tol = tol_by_dtype[jnp.dtype(q.dtype).name]
     np.testing.assert_allclose(out, ref, atol=tol, rtol=tol)
     assert (out[np.asarray(q_positions) < 0] == 0).all()  # padded rows are exact zeros
+
+
+def check(args, *, sliding_window=None, interpret=True, **blocks):
+    out = flash_attention(*args, sliding_window=sliding_window, interpret=interpret, **blocks)
+    assert_matches_reference(out, args, sliding_window, TOL)
 
 
 def ragged_prompts(page_size):

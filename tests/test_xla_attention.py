@@ -15,21 +15,14 @@ import pytest
 from conftest import TOLERANCE
 from jaxinfer.xla_attention import blocked_attention, visible_range
 from pallas_kernels.reference import attention_reference
-from test_flash_attention import make_case, numpy_attention, ragged_prompts
+from test_flash_attention import assert_matches_reference, make_case, numpy_attention, ragged_prompts
 
 TOL = TOLERANCE["xla_attention"]
 
 
 def check(args, *, sliding_window=None, block_keys):
-    q, q_positions = args[0], args[4]
     out = blocked_attention(*args, sliding_window=sliding_window, block_keys=block_keys)
-    ref = attention_reference(*args, sliding_window=sliding_window)
-    assert out.shape == q.shape and out.dtype == q.dtype
-    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
-    assert np.isfinite(out).all()
-    tol = TOL[jnp.dtype(q.dtype).name]
-    np.testing.assert_allclose(out, ref, atol=tol, rtol=tol)
-    assert (out[np.asarray(q_positions) < 0] == 0).all()  # padded rows are exact zeros
+    assert_matches_reference(out, args, sliding_window, TOL)
 
 
 CHUNKS = [
