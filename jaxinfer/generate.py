@@ -238,19 +238,13 @@ class _Request:
     runtime: Runtime
 
 
-def _check_chunk(prefill_chunk) -> int:
-    if not (is_int(prefill_chunk) and 1 <= prefill_chunk <= INT32_MAX):
-        raise ParameterError("prefill_chunk", f"must be an int in [1, {INT32_MAX}]", value=prefill_chunk)
-    return int(prefill_chunk)
-
-
 def _check_request(
     model_, prompts, max_new_tokens, sampling, seed, page_size, num_pages, attention_backend, prefill_chunk
 ):
     seed = _one_or_per_prompt("seed", seed, check_seed)
     max_new_tokens = _one_or_per_prompt("max_new_tokens", max_new_tokens, lambda v: _check_count("max_new_tokens", v))
     runtime = _runtime(model_, attention_backend)
-    prefill_chunk = _check_chunk(prefill_chunk)
+    prefill_chunk = _check_count("prefill_chunk", prefill_chunk)
     token_lists = _check_prompts(prompts, model_, max_new_tokens)
     n = len(token_lists)
     limits = _per_prompt("max_new_tokens", max_new_tokens, n)
@@ -430,7 +424,7 @@ def score(
     device work."""
     cfg = model_.cfg
     runtime = _runtime(model_, attention_backend)
-    prefill_chunk = _check_chunk(prefill_chunk)
+    prefill_chunk = _check_count("prefill_chunk", prefill_chunk)
     if isinstance(token_ids, (np.ndarray, jax.Array)) and np.ndim(token_ids) >= 2:
         raise ParameterError("token_ids", f"is a {np.ndim(token_ids)}-D array; score takes one sequence")
     is_list = isinstance(token_ids, Sequence) and not isinstance(token_ids, (str, bytes))
