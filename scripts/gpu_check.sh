@@ -4,6 +4,8 @@
 #   2. scripts/bench_kernels.py (ours vs XLA, cuDNN and JAX's Pallas kernels, outputs checked before timing)
 #   3. scripts/benchmark.py on random-weight llama-2-7b bfloat16: decode batch 1 and 32 at context 512, TTFT at 2048
 #   4. scripts/run_sharded.py --tp 1 --compare-unsharded (the shard_map layer's cost at tp=1)
+#   5. decode with the layers scanned and unrolled on the default model's shape (smollm2-135m bfloat16, batch 1
+#      and 32): the figures that choose model.DEFAULT_LAYOUT["gpu"] (scanned until measured)
 # Each step has its own time limit and log; one JSON and one markdown summary go under the output directory.
 #
 #   bash scripts/gpu_check.sh [--out DIR] [--dry-run]      # DIR: default $OUT, else ./gpu-check
@@ -18,7 +20,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --out) out="$2"; shift 2 ;;
         --dry-run) dry_run=1; shift ;;
-        -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: error: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -37,10 +39,11 @@ fi
 
 # name | seconds allowed | command
 steps=(
-    "gpu-tests|150|$python -m pytest -q -p no:cacheprovider tests/test_flash_attention.py tests/test_paged_attention.py -k compiled_on_gpu -rs"
-    "bench-kernels|120|$python scripts/bench_kernels.py --gpu $gpu --hbm-tbps $hbm_tbps --json $out/bench_kernels.json"
-    "benchmark-llama-2-7b|120|$python scripts/benchmark.py --preset llama-2-7b --dtype bfloat16 --batch 1 32 --context 512 --prompt-len 2048 --steps 32 --iters 3 --gpu $gpu --json $out/benchmark.json"
+    "gpu-tests|120|$python -m pytest -q -p no:cacheprovider tests/test_flash_attention.py tests/test_paged_attention.py -k compiled_on_gpu -rs"
+    "bench-kernels|100|$python scripts/bench_kernels.py --gpu $gpu --hbm-tbps $hbm_tbps --json $out/bench_kernels.json"
+    "benchmark-llama-2-7b|110|$python scripts/benchmark.py --preset llama-2-7b --dtype bfloat16 --batch 1 32 --context 512 --prompt-len 2048 --steps 32 --iters 3 --gpu $gpu --json $out/benchmark.json"
     "run-sharded-tp1|60|$python scripts/run_sharded.py --preset llama-2-7b --dtype bfloat16 --tp 1 --compare-unsharded --steps 32 --iters 3"
+    "layouts-smollm2-135m|90|set -e; for layout in scanned unrolled; do $python scripts/benchmark.py --preset smollm2-135m --dtype bfloat16 --batch 1 32 --context 512 --prompt-len 0 --steps 64 --iters 3 --layout \$layout --gpu $gpu --json $out/layout_\$layout.json; done"
 )
 
 if [ "$dry_run" = 1 ]; then
