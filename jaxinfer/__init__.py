@@ -18,11 +18,13 @@ except metadata.PackageNotFoundError:  # a source tree on sys.path, not installe
 
 _EXPORTS = {
     "Checkpoint": "jaxinfer.api",
+    "Engine": "jaxinfer.engine.engine",
     "GenerationOutput": "jaxinfer.generate",
     "Model": "jaxinfer.api",
     "ModelConfig": "jaxinfer.config",
     "PageAllocator": "jaxinfer.page_allocator",
     "PagePoolExhausted": "jaxinfer.page_allocator",
+    "RequestOutput": "jaxinfer.engine.engine",
     "ParameterError": "jaxinfer.errors",
     "RopeScaling": "jaxinfer.config",
     "Runtime": "jaxinfer.runtime",

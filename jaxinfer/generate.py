@@ -61,13 +61,13 @@ class GenerationOutput:
     finish_reason: str  # "stop" | "length"
 
 
-def _check_count(name: str, value, upper: int = INT32_MAX) -> int:
+def check_count(name: str, value, upper: int = INT32_MAX) -> int:
     if not (is_int(value) and 1 <= value <= upper):
         raise ParameterError(name, f"must be an int in [1, {upper}]", value=value)
     return int(value)
 
 
-def _token_ids(seq, vocab_size: int, tokenizer, param: str, index: int | None = None) -> list[int]:
+def check_token_ids(seq, vocab_size: int, tokenizer, param: str, index: int | None = None) -> list[int]:
     """One sequence (a str, encoded, or ints: a list, tuple or 1-D integer array) -> its token ids, each checked."""
     if isinstance(seq, str):
         if tokenizer is None:
@@ -119,7 +119,7 @@ def _check_prompts(prompts, model_, max_new_tokens) -> list[list[int]]:
         raise ParameterError("prompts", "is a flat list of ints; pass a list of prompts: [[1, 2, 3]]")
     token_lists = []
     for i, prompt in enumerate(prompts):
-        ids = _token_ids(prompt, cfg.vocab_size, model_.tokenizer, "prompts", i)
+        ids = check_token_ids(prompt, cfg.vocab_size, model_.tokenizer, "prompts", i)
         limit = max_new_tokens[i] if isinstance(max_new_tokens, list) else max_new_tokens
         if len(ids) + limit > cfg.max_position_embeddings:
             reason = (
@@ -242,9 +242,9 @@ def _check_request(
     model_, prompts, max_new_tokens, sampling, seed, page_size, num_pages, attention_backend, prefill_chunk
 ):
     seed = _one_or_per_prompt("seed", seed, check_seed)
-    max_new_tokens = _one_or_per_prompt("max_new_tokens", max_new_tokens, lambda v: _check_count("max_new_tokens", v))
+    max_new_tokens = _one_or_per_prompt("max_new_tokens", max_new_tokens, lambda v: check_count("max_new_tokens", v))
     runtime = _runtime(model_, attention_backend)
-    prefill_chunk = _check_count("prefill_chunk", prefill_chunk)
+    prefill_chunk = check_count("prefill_chunk", prefill_chunk)
     token_lists = _check_prompts(prompts, model_, max_new_tokens)
     n = len(token_lists)
     limits = _per_prompt("max_new_tokens", max_new_tokens, n)
@@ -380,7 +380,7 @@ def generate_stream(
     The tokens are identical to generate's. The arguments are checked here, at the call (ParameterError);
     prefill and decoding happen on the first next().
     """
-    chunk_tokens = _check_count("chunk_tokens", chunk_tokens)
+    chunk_tokens = check_count("chunk_tokens", chunk_tokens)
     request = _check_request(
         model_, prompts, max_new_tokens, sampling, seed, page_size, num_pages, attention_backend, prefill_chunk
     )
@@ -424,13 +424,13 @@ def score(
     device work."""
     cfg = model_.cfg
     runtime = _runtime(model_, attention_backend)
-    prefill_chunk = _check_count("prefill_chunk", prefill_chunk)
+    prefill_chunk = check_count("prefill_chunk", prefill_chunk)
     if isinstance(token_ids, (np.ndarray, jax.Array)) and np.ndim(token_ids) >= 2:
         raise ParameterError("token_ids", f"is a {np.ndim(token_ids)}-D array; score takes one sequence")
     is_list = isinstance(token_ids, Sequence) and not isinstance(token_ids, (str, bytes))
     if is_list and any(isinstance(t, (str, Sequence, np.ndarray)) for t in token_ids):
         raise ParameterError("token_ids", "is a list of sequences; score takes one sequence")
-    ids = _token_ids(token_ids, cfg.vocab_size, model_.tokenizer, "token_ids")
+    ids = check_token_ids(token_ids, cfg.vocab_size, model_.tokenizer, "token_ids")
     if len(ids) > cfg.max_position_embeddings:
         reason = f"length {len(ids)} exceeds the model's context max_position_embeddings={cfg.max_position_embeddings}"
         raise ParameterError("token_ids", reason)

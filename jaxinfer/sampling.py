@@ -151,10 +151,10 @@ def sample(
 def seed_key(seed: int) -> jax.Array:
     """The typed threefry key of a seed in [0, 2**64): all 64 bits count, with or without jax_enable_x64
     (jax.random.key keeps only the low 32 without it, so seed 2**32 would silently equal seed 0)."""
-    return jax.random.wrap_key_data(_seed_words(seed), impl="threefry2x32")
+    return jax.random.wrap_key_data(seed_words(seed), impl="threefry2x32")
 
 
-def _seed_words(seed: int) -> np.ndarray:
+def seed_words(seed: int) -> np.ndarray:
     """[2] uint32: what jax.random.key(seed) holds under jax_enable_x64."""
     seed = check_seed(seed)
     return np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
@@ -172,7 +172,7 @@ def row_keys(seed: int | list[int], batch_size: int) -> jax.Array:
         if not 1 <= len(seed) <= batch_size:
             raise ValueError(f"{len(seed)} seeds for batch_size={batch_size}")
         seeds = seed + [0] * (batch_size - len(seed))
-        base = jax.random.wrap_key_data(np.stack([_seed_words(s) for s in seeds]), impl="threefry2x32")  # [B]
+        base = jax.random.wrap_key_data(np.stack([seed_words(s) for s in seeds]), impl="threefry2x32")  # [B]
         return jax.vmap(jax.random.fold_in, in_axes=(0, None))(base, 0)
     base = seed_key(seed)
     return jax.vmap(lambda row: jax.random.fold_in(base, row))(jnp.arange(batch_size, dtype=jnp.uint32))

@@ -7,6 +7,11 @@
     start_decode     the first token of a streamed decode;  continue_decode: decode on to step `until`
     write_row        one row's settings (sampling, keys, stops, limit) into a slot of RowSettings
 
+The engine's (jaxinfer/engine/runner.py), over slots that requests come to and go from:
+    compute_and_sample  rows of different requests each compute a chunk; rows that end theirs sample by slot
+    write_slot          a newly admitted request's sampling settings, key and seen tokens into its slot
+    poison_pages        NaN into pages (a test mode: a reused page must never expose what it held)
+
 Every function takes (params, cfg, ...) and the keyword `runtime` (jaxinfer.runtime.Runtime: attention
 backend, mesh), cfg and runtime static (params in either layer layout, jaxinfer.model.with_layout), and returns what it changed; the cache (or
 the decode state holding it) is donated, so it is updated in place. Shapes are the caller's buckets: each
@@ -184,3 +189,84 @@ def _continue_decode(params, cfg, state, rows, until, *, runtime: Runtime = DEFA
 # Streaming runs the same loop in chunks: start once, then continue to step 9, 17, ... with one compiled program.
 start_decode = jax.jit(_start_decode, static_argnames=("max_new_tokens", "runtime"), donate_argnames=("cache",))
 continue_decode = jax.jit(_continue_decode, static_argnames=_STATIC, donate_argnames=("state",))
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine's step: rows of different requests, each computing its next tokens, sampled by slot.
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SlotRows:
+    """The engine's per-slot constants, written when a request is admitted (write_slot), read by every step."""
+
+    sampling: sampling_lib.SamplingArrays  # [S] each
+    keys: jax.Array  # [S] typed: each request's base key, fold_in(seed_key(seed), 0) as generate's row 0
+    stop_ids: jax.Array  # [S, W] int32, -1 padded
+    seen: jax.Array  # [S, V] bool: the request's prompt and output tokens (repetition penalty)
+
+
+def init_slot_rows(num_slots: int, stop_width: int, vocab_size: int) -> SlotRows:
+    return SlotRows(
+        sampling=sampling_lib.SamplingArrays.from_params([], num_slots),
+        keys=sampling_lib.row_keys(0, num_slots),
+        stop_ids=jnp.full((num_slots, stop_width), -1, jnp.int32),
+        seen=jnp.zeros((num_slots, vocab_size), bool),
+    )
+
+
+def _compute_and_sample(
+    params, cfg, cache, slots: SlotRows, page_table, lengths, tokens, positions, seq_ids, sample, output_index,
+    *, runtime: Runtime = DEFAULT_RUNTIME,
+):
+    """Each row computes a chunk of one request's tokens; rows whose chunk ends the request's tokens sample its
+    next one, with the key of (its seed, output index): nothing about the batch enters a row's token.
+
+    page_table [S, pages_per_seq] and lengths [S] are the host's (tokens already cached per slot; a host-owned
+    copy, so preemption and prefix hits need no device bookkeeping); tokens, positions [B, T] (-1 padding), seq_ids
+    [B] slots, sample [B] bool, output_index [B] int32 -> (tokens [B] int32, stopped [B] bool, cache, slots)."""
+    B = tokens.shape[0]
+    cache = dataclasses.replace(cache, page_table=page_table, lengths=lengths)
+    hidden, cache = sharding.forward_hidden(params, cfg, tokens, positions, cache, seq_ids, runtime=runtime)
+    last = jnp.argmax(positions, axis=1)  # [B]: the highest position is the chunk's last token
+    logits = sharding.logits(params, cfg, hidden[jnp.arange(B), last], mesh=runtime.mesh)  # [B, V]
+    sampling = jax.tree.map(lambda a: a[seq_ids], slots.sampling)
+    # Rows that do not sample count as greedy, so a batch of them skips the sort.
+    sampling = dataclasses.replace(sampling, temperature=jnp.where(sample, sampling.temperature, 0.0))
+    keys = jax.vmap(jax.random.fold_in)(slots.keys[seq_ids], output_index)  # [B]
+    tok = sharding.sample(logits, sampling, keys, slots.seen[seq_ids], mesh=runtime.mesh)  # [B]
+    stopped = sample & jnp.any(tok[:, None] == slots.stop_ids[seq_ids], axis=1)  # [B]
+    rows = jnp.where(sample, seq_ids, slots.seen.shape[0])  # [B]: rows that do not sample write out of bounds
+    seen = slots.seen.at[rows, tok].set(True, mode="drop")
+    return tok, stopped, cache, dataclasses.replace(slots, seen=seen)
+
+
+def _write_slot(slots: SlotRows, slot, sampling: sampling_lib.SamplingArrays, seed_words, stop_ids, seen) -> SlotRows:
+    """Slot `slot` ([] int32) <- one request: sampling [1] each, seed_words [2] uint32 (sampling.seed_words),
+    stop_ids [W] int32, seen [V] bool. One program whatever the slot."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(seed_words, impl="threefry2x32"), 0)
+
+    def put(all_rows, row):
+        return jax.lax.dynamic_update_index_in_dim(all_rows, row, slot, 0)
+
+    return SlotRows(
+        sampling=jax.tree.map(lambda a, r: put(a, r[0]), slots.sampling, sampling),
+        keys=put(slots.keys, key),
+        stop_ids=put(slots.stop_ids, stop_ids),
+        seen=put(slots.seen, seen),
+    )
+
+
+def _poison_pages(cache, pages) -> kv_cache.KVCache:
+    """pages [P] bool -> those pages' K and V (every layer) set to NaN: a test mode's check that no step reads
+    what a page held before it was handed out again."""
+    mask = pages[None, None, :, None, None]  # [1, 1, P, 1, 1]
+    nan = jnp.asarray(jnp.nan, cache.k_pages.dtype)
+    return dataclasses.replace(
+        cache, k_pages=jnp.where(mask, nan, cache.k_pages), v_pages=jnp.where(mask, nan, cache.v_pages)
+    )
+
+
+compute_and_sample = jax.jit(_compute_and_sample, static_argnames=_STATIC, donate_argnames=("cache", "slots"))
+write_slot = jax.jit(_write_slot, donate_argnames=("slots",))
+poison_pages = jax.jit(_poison_pages, donate_argnames=("cache",))

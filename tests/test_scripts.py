@@ -69,7 +69,8 @@ def test_gpu_check_plan_fits_eight_minutes():
     result = subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), "--dry-run"], capture_output=True, text=True,
                             timeout=60, check=True)
     names = re.findall(r"^  (\S+) +<= +\d+s", result.stdout, re.M)
-    assert names == ["gpu-tests", "bench-kernels", "benchmark-llama-2-7b", "run-sharded-tp1"]
+    assert names == ["gpu-tests", "bench-kernels", "benchmark-llama-2-7b", "run-sharded-tp1", "layouts-smollm2-135m"]
+    assert "--layout $layout" in result.stdout and "for layout in scanned unrolled" in result.stdout
     assert "--compare-unsharded" in result.stdout and "--batch 1 32 --context 512 --prompt-len 2048" in result.stdout
     assert int(re.search(r"at most (\d+)s in all", result.stdout).group(1)) <= 8 * 60
 
