@@ -84,6 +84,6 @@ def test_gpu_check_writes_its_summaries(tmp_path):
                    timeout=60, check=True)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [s["step"] for s in summary["steps"]] == ["gpu-tests", "bench-kernels", "benchmark-llama-2-7b",
-                                                     "run-sharded-tp1"]
+                                                     "run-sharded-tp1", "layouts-smollm2-135m"]
     assert all(s["exit"] == 0 and (tmp_path / s["log"]).is_file() for s in summary["steps"])
     assert "| benchmark-llama-2-7b | 0 |" in (tmp_path / "summary.md").read_text()
