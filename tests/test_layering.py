@@ -263,3 +263,33 @@ def test_the_checker_reports_what_it_must():
     assert check("from ..config import ModelConfig\n", "jaxinfer.engine.runner") == []
     # A new module must be placed; a new file under a placed subtree is placed with it.
     assert room_of("jaxinfer.brand_new") is None and room_of("pallas_kernels.brand_new") == "kernels"
+
+
+DEVICE_CORE = {m for m, (room, _) in MODULE_ROOMS.items() if room == "device core"}
+
+
+def test_only_the_runner_touches_jax_in_the_engine(graph):
+    """DESIGN.md: the engine is plain Python + numpy; only engine/runner.py imports jax and the device core."""
+    import ast
+
+    modules, edges = graph
+    bad = []
+    for module, path in modules.items():
+        if not module.startswith("jaxinfer.engine.") or module == "jaxinfer.engine.runner":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            bad += [f"{module} imports {n}" for n in names if n == "jax" or n.startswith("jax.")]
+        bad += [f"{module} imports {e.target}" for e in edges[module] if e.target in DEVICE_CORE]
+    assert not bad, bad
+
+
+def test_the_scheduler_loads_without_jax():
+    """The host side of the engine (what its exact tests import) runs where jax is not even imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys, jaxinfer.engine.scheduler, jaxinfer.engine.batch; "
+            "assert 'jax' not in sys.modules, sorted(m for m in sys.modules if m.startswith('jax'))")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
