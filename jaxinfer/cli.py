@@ -102,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--system", default=None, help="system message (with --chat)")
     g.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of text")
-    g.add_argument("--batch-size", type=_int_in(1, 1024), default=8, help="prompts run together (--prompt-file)")
+    g.add_argument("--batch-size", type=_int_in(1, 1024), default=8, help="prompts run at once (--prompt-file): the engine's slots")
     sampling_args(g)
 
     c = sub.add_parser("chat", help="an interactive conversation (Ctrl-C stops a reply, Ctrl-D quits)")
@@ -248,7 +248,7 @@ class _Row:
 
     spec: PromptSpec
     prompt_ids: list[int]
-    decoder: object  # tokenizer.IncrementalDecoder, or None: ids printed as numbers
+    has_text: bool  # False: the model has no tokenizer, ids are printed as numbers
     tokens: list[int] = dataclasses.field(default_factory=list)
     text: list[str] = dataclasses.field(default_factory=list)
     printed: int = 0  # pieces of text already written to stdout
@@ -256,16 +256,14 @@ class _Row:
     t_first: float | None = None
     t_done: float | None = None
 
-    def feed(self, new: list[int], now: float) -> None:
+    def feed(self, new: list[int], text: str | None, now: float) -> None:
         if new and self.t_first is None:
             self.t_first = now
         self.tokens += new
-        self.text += [self.decoder.feed(t) for t in new] if self.decoder is not None else [f"{t} " for t in new]
+        self.text.append(text if self.has_text else "".join(f"{t} " for t in new))
 
     def end(self, finish: str, now: float) -> None:
         self.finish, self.t_done = finish, now
-        if self.decoder is not None:
-            self.text.append(self.decoder.flush())
 
     def summary(self, t0: float) -> dict:
         ttft = (self.t_first or self.t_done) - t0
@@ -306,36 +304,45 @@ class _Printer:
         return cursor
 
 
-def _run(model, specs: list[PromptSpec], prompts: list[list[int]], printer: _Printer, watch) -> tuple[list[_Row], bool]:
-    """Generate for one batch, printing as it goes; -> (rows, interrupted). Ctrl-C (see jaxinfer.interrupts) stops
-    it after the chunk in flight: the unfinished rows end as "interrupted", printed like the others."""
-    rows = [_Row(s, p, model.tokenizer.stream() if model.tokenizer is not None else None) for s, p in zip(specs, prompts)]
+def _engine(model, max_slots: int, num_pages: int | None = None):
+    """The CLI's engine: programs compile on first use (a one-shot command pays only for the shapes it meets; the
+    persistent compilation cache keeps them for the next run), so the first token is not behind a warm-up."""
+    return jaxinfer.Engine(model, max_slots=max_slots, num_pages=num_pages, warm_up=False)
+
+
+def _run(engine, specs: list[PromptSpec], prompts: list[list[int]], printer: _Printer, watch) -> tuple[list[_Row], bool]:
+    """Run prompts through the engine, printing as tokens come; -> (rows, interrupted). Ctrl-C (see
+    jaxinfer.interrupts) stops it after the step in flight: the unfinished rows are aborted and end as
+    "interrupted", printed like the others."""
+    has_text = engine.tokenizer is not None
+    rows = {}
     t0 = time.perf_counter()
+    for spec, ids in zip(specs, prompts):
+        rid = engine.add_request(ids, sampling=spec.sampling, max_new_tokens=spec.max_new_tokens, seed=spec.seed)
+        rows[rid] = _Row(spec, ids, has_text)
+    ordered = list(rows.values())
     cursor = 0
-    stream = jaxinfer.generate_stream(
-        model, prompts, max_new_tokens=[s.max_new_tokens for s in specs], sampling=[s.sampling for s in specs],
-        seed=[s.seed for s in specs],
-    )
     with watch.stoppable() as stop:
-        for chunk in stream:
+        while cursor < len(ordered) and not stop.is_set():
+            outs = engine.step()
             now = time.perf_counter()
-            for row, new, finish in zip(rows, chunk.new_tokens, chunk.finish_reasons):
-                if row.finish is None:
-                    row.feed(new, now)
-                    if finish is not None:
-                        row.end(finish, now)
-            if stop.is_set():
-                break
-            cursor = printer.show(rows, cursor, t0)
-        interrupted = stop.is_set()
-    stream.close()
+            for out in outs:
+                row = rows.get(out.request_id)
+                if row is not None and row.finish is None:
+                    row.feed(out.new_token_ids, out.text, now)
+                    if out.finish_reason is not None:
+                        row.end(out.finish_reason, now)
+            cursor = printer.show(ordered, cursor, t0)
+        interrupted = stop.is_set() and cursor < len(ordered)
     if interrupted:
         now = time.perf_counter()
-        for row in rows:
+        for rid, row in rows.items():
             if row.finish is None:
+                engine.abort(rid)
                 row.end("interrupted", now)
-    printer.show(rows, cursor, t0)
-    return rows, interrupted
+        engine.step()  # hands out the aborts, so the next turn starts clean
+    printer.show(ordered, cursor, t0)
+    return ordered, interrupted
 
 
 def cmd_generate(args) -> int:
@@ -346,12 +353,11 @@ def cmd_generate(args) -> int:
     model = _load(args, checkpoint, cfg, context)
     prompts = [_prompt_ids(model, spec) for spec in specs]
     printer = _Printer(args.json, label_rows=len(specs) > 1)
-    for start in range(0, len(specs), args.batch_size):
-        batch = slice(start, start + args.batch_size)
-        _, interrupted = _run(model, specs[batch], prompts[batch], printer, args.interrupts)
-        if interrupted:
-            print("jaxinfer: interrupted", file=sys.stderr)
-            return interrupts.EXIT_INTERRUPTED
+    engine = _engine(model, max_slots=min(args.batch_size, len(specs)))
+    _, interrupted = _run(engine, specs, prompts, printer, args.interrupts)
+    if interrupted:
+        print("jaxinfer: interrupted", file=sys.stderr)
+        return interrupts.EXIT_INTERRUPTED
     return EXIT_OK
 
 
@@ -381,6 +387,9 @@ def cmd_chat(args) -> int:
     if model.tokenizer is None or model.tokenizer.chat_template is None:
         raise UsageError(f"--model {args.model} has no chat template")
     history = ChatHistory(args.system)
+    # One engine for the session: turn N finds the history's pages in its prefix cache, so its first token waits
+    # for the new tokens, not for the whole conversation again. One slot; the pool holds one whole context.
+    engine = _engine(model, max_slots=1, num_pages=1 + -(-context // 16))
     _utf8_stdin()
     print("[chat: Ctrl-C stops a reply, /reset forgets the history, Ctrl-D or /exit quits]", file=sys.stderr)
     while True:
@@ -394,21 +403,21 @@ def cmd_chat(args) -> int:
         if not line.strip():
             continue
         try:
-            _chat_turn(model, history, line, defaults, context, args.interrupts)
+            _chat_turn(engine, history, line, defaults, context, args.interrupts)
         except (ValueError, RuntimeError, MemoryError) as e:  # this turn failed; the conversation goes on
             _report(e)
 
 
-def _chat_turn(model, history: ChatHistory, line: str, defaults: Defaults, context: int, watch) -> None:
+def _chat_turn(engine, history: ChatHistory, line: str, defaults: Defaults, context: int, watch) -> None:
     prompt_spec.check_text(line, "this line")
-    fitted = history.fit(line, model.tokenizer.encode_chat, context, defaults.max_new_tokens)
+    fitted = history.fit(line, engine.tokenizer.encode_chat, context, defaults.max_new_tokens)
     if fitted.turns_dropped:
         print(f"[dropped the {fitted.turns_dropped} oldest turn(s) to stay within the context of {context} tokens]",
               file=sys.stderr)
     if fitted.reply_tokens < defaults.max_new_tokens:
         print(f"[the context leaves room for a reply of {fitted.reply_tokens} tokens]", file=sys.stderr)
     spec = prompt_spec.make_spec("this turn", {"prompt": line, "max_new_tokens": fitted.reply_tokens}, defaults)
-    (row,), _ = _run(model, [spec], [fitted.ids], _Printer(as_json=False, label_rows=False), watch)
+    (row,), _ = _run(engine, [spec], [fitted.ids], _Printer(as_json=False, label_rows=False), watch)
     history.add_turn(line, "".join(row.text))  # a reply stopped by Ctrl-C stays, as far as it went
 
 

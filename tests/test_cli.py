@@ -287,7 +287,7 @@ def test_ctrl_c_in_a_chat_stops_the_reply_and_the_chat_goes_on():
     assert err.count("stop reason:") == 2 and out.count("> ") == 3
 
 
-def test_ctrl_c_stops_the_reply_after_the_chunk_in_flight(monkeypatch, capsys):
+def test_ctrl_c_stops_the_reply_after_the_step_in_flight(capsys):
     model = jaxinfer.random_model("tiny")
     args = cli._parser().parse_args(["generate", *TINY, "--prompt-ids", "1", "--max-new-tokens", "40"])
     (spec,) = cli._specs(args)
@@ -299,16 +299,18 @@ def test_ctrl_c_stops_the_reply_after_the_chunk_in_flight(monkeypatch, capsys):
         def stoppable(self):
             yield stop
 
-    real_stream = jaxinfer.generate_stream
+    engine = cli._engine(model, max_slots=1)
+    real_step = engine.step
+    steps = []
 
-    def pressed_during_the_second_chunk(*args, **kwargs):
-        for i, chunk in enumerate(real_stream(*args, **kwargs)):
-            if i == 1:
-                stop.set()
-            yield chunk
+    def pressed_during_the_second_step():
+        steps.append(1)
+        if len(steps) == 2:
+            stop.set()
+        return real_step()
 
-    monkeypatch.setattr(jaxinfer, "generate_stream", pressed_during_the_second_chunk)
-    (row,), interrupted = cli._run(model, [spec], [[1]], cli._Printer(as_json=False, label_rows=False), Watch())
+    engine.step = pressed_during_the_second_step
+    (row,), interrupted = cli._run(engine, [spec], [[1]], cli._Printer(as_json=False, label_rows=False), Watch())
     assert interrupted and row.finish == "interrupted"
     assert 0 < len(row.tokens) < 40 and row.tokens == alone.tokens[: len(row.tokens)]
     assert "stop reason: interrupted" in capsys.readouterr().err
@@ -441,3 +443,27 @@ def test_convert_then_generate_from_orbax(tmp_path):
     assert model.cfg.dtype == "bfloat16" and model.tokenizer is not None
     assert model.tokenizer.encode("Hello world") == jaxinfer.load_model("default").tokenizer.encode("Hello world")
     assert_error(run_cli("convert", "default", str(dst)), 2, str(dst), "--overwrite")
+
+
+def test_chat_turns_find_the_history_in_the_prefix_cache(tiny_chat_model):
+    """One engine per chat: turn N computes the new tokens, not the whole conversation again."""
+    from jaxinfer.chat_history import ChatHistory
+    from jaxinfer.interrupts import PythonDefault
+
+    args = cli._parser().parse_args(["chat", "--model", str(tiny_chat_model), "--max-new-tokens", "12",
+                                     "--temperature", "0"])
+    model = jaxinfer.load_model(tiny_chat_model)
+    context = model.cfg.max_position_embeddings
+    engine = cli._engine(model, max_slots=1, num_pages=1 + context // 16)
+    history = ChatHistory(None)
+    previous_prompt = 0
+    for turn, line in enumerate(["Hello there, how are you today?", "Tell me about the sea.", "And the sky?"]):
+        before = engine.metrics()
+        cli._chat_turn(engine, history, line, cli._defaults(args), context, PythonDefault())
+        after = engine.metrics()
+        prompt = after["prefix_cache_queried_tokens"] - before["prefix_cache_queried_tokens"]
+        hit = after["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"]
+        if turn:
+            assert hit >= previous_prompt // 16 * 16, (turn, hit, previous_prompt)
+        previous_prompt = prompt
+    assert len(history.turns) == 3

@@ -13,6 +13,7 @@ from conftest import default_model_installed, random_prompts
 
 import jaxinfer
 from jaxinfer import model as model_lib
+from jaxinfer import sharding
 from jaxinfer.errors import ParameterError
 
 GREEDY = jaxinfer.SamplingParams(temperature=0.0)
@@ -254,3 +255,16 @@ def test_stop_strings_cut_the_text_and_stream_pieces_add_up(tiny_chat_model):
     # Without stop strings the streamed text is generate's, piece by piece.
     (got,) = engine.generate([prompt], sampling=GREEDY, max_new_tokens=40)
     assert (got.tokens, got.text) == (full.tokens, full.text)
+
+
+def test_tensor_parallel_engine_gives_the_one_device_tokens_and_compiles_nothing_more(tiny_reference):
+    requests, expected = tiny_reference
+    cfg = jaxinfer.ModelConfig.preset("tiny")
+    model = jaxinfer.Model(cfg, model_lib.init_params(cfg, jax.random.key(0), scale=0.1))
+    mesh = sharding.make_mesh(2)
+    sharded = jaxinfer.Model(cfg, sharding.to_mesh(model.params, cfg, mesh), mesh=mesh)
+    engine = jaxinfer.Engine(sharded, max_slots=4, num_pages=40, max_tokens_per_step=64, page_size=8,
+                             prefill_chunk=16)
+    tokens, _ = run(engine, requests[:8])
+    assert tokens == expected[:8]
+    check_drained(engine)

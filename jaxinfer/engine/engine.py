@@ -109,10 +109,11 @@ class Engine:
         attention_backend: str | None = None,
         poison_new_pages: bool = False,
         check_invariants: bool = True,
+        warm_up: bool = True,
     ):
+        """warm_up: compile every step program now (a server's choice: no request ever waits for a compile);
+        False compiles each on first use (a one-shot command's: it pays only for the shapes it meets)."""
         cfg = model.cfg
-        if model.mesh is not None:
-            raise ValueError("Engine runs on one device so far; load the model without tensor_parallel")
         max_slots = check_count("max_slots", max_slots, 4096)
         max_tokens_per_step = check_count("max_tokens_per_step", max_tokens_per_step)
         page_size = check_count("page_size", page_size, 4096)
@@ -123,8 +124,9 @@ class Engine:
         if not isinstance(prefix_caching, bool):
             raise ParameterError("prefix_caching", "must be True or False", value=prefix_caching)
         pages_per_seq = -(-max_model_len // page_size)
-        if num_pages is None:
-            num_pages = 1 + max_slots * -(-min(max_model_len, DEFAULT_CONTEXT_PER_SLOT) // page_size)
+        if num_pages is None:  # every slot DEFAULT_CONTEXT_PER_SLOT tokens at once, and one request a whole context
+            per_slot = -(-min(max_model_len, DEFAULT_CONTEXT_PER_SLOT) // page_size)
+            num_pages = 1 + max(max_slots * per_slot, pages_per_seq)
         num_pages = check_count("num_pages", num_pages)
         if num_pages < 2:
             raise ParameterError("num_pages", "must be >= 2 (page 0 is the null page)", value=num_pages)
@@ -145,7 +147,8 @@ class Engine:
             buckets=self.buckets, stop_width=STOP_WIDTH, attention_backend=attention_backend,
             poison_new_pages=poison_new_pages,
         )
-        self.runner.warm_up()
+        if warm_up:
+            self.runner.warm_up()
         self._next_id = 0
         self._texts: dict[int, _Text] = {}
         self._arrival: dict[int, float] = {}

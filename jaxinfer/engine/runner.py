@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax import monitoring
 
-from jaxinfer import kv_cache, steps
+from jaxinfer import kv_cache, sharding, steps
 from jaxinfer.engine.batch import Call, StepInput, warm_up_calls
 from jaxinfer.engine.scheduler import SlotWrite, StepResult
 from jaxinfer.runtime import Runtime
@@ -63,10 +63,17 @@ class Runner:
         self.max_slots, self.buckets, self.stop_width = max_slots, buckets, stop_width
         self.num_pages = num_pages
         self.poison_new_pages = poison_new_pages
-        self.cache = kv_cache.init_cache(
-            self.cfg, num_pages=num_pages, page_size=page_size, max_seqs=max_slots, pages_per_seq=pages_per_seq
-        )
+        sizes = {"num_pages": num_pages, "page_size": page_size, "max_seqs": max_slots, "pages_per_seq": pages_per_seq}
+        if model.mesh is None:
+            self.cache = kv_cache.init_cache(self.cfg, **sizes)
+        else:  # tensor parallel: the pool split by kv head, as generate's
+            self.cache = sharding.init_cache(self.cfg, model.mesh, **sizes)
         self.slots = steps.init_slot_rows(max_slots, stop_width, self.cfg.vocab_size)
+        if model.mesh is not None:  # where the step leaves them, so the second step runs the first one's program
+            replicated = jax.sharding.NamedSharding(model.mesh, jax.sharding.PartitionSpec())
+            self.slots = jax.device_put(self.slots, steps.SlotRows(
+                sampling=replicated, keys=replicated, stop_ids=replicated, seen=sharding.vocab_split(model.mesh)
+            ))
         self._compiles = _CompileCounter()
         self.compilations_after_warm_up = 0
         self.warm_up_seconds = None
