@@ -17,6 +17,7 @@ except metadata.PackageNotFoundError:  # a source tree on sys.path, not installe
     __version__ = "0+unknown"
 
 _EXPORTS = {
+    "AsyncEngine": "jaxinfer.engine.async_engine",
     "Checkpoint": "jaxinfer.api",
     "Engine": "jaxinfer.engine.engine",
     "GenerationOutput": "jaxinfer.generate",

@@ -270,3 +270,24 @@ def test_token_ids_spans_prompt_and_output():
     r.output_token_ids = [7, 8]
     assert r.token_ids(0, 5) == [1, 2, 3, 7, 8]
     assert r.token_ids(2, 4) == [3, 7] and r.token_ids(3, 5) == [7, 8] and r.token_ids(0, 2) == [1, 2]
+
+
+def test_batch_packs_one_token_chunks_into_a_decode_bucket_and_pads_prefill_chunks():
+    from jaxinfer.engine import batch
+
+    s = make_scheduler(max_slots=8, budget=64, chunk=20)
+    for rid in range(3):
+        s.add(make_request(rid, 4))
+    step(s)  # three prompts: now each decodes
+    s.add(make_request(3, range(50, 68)))
+    out = s.schedule()
+    assert split(out) == [(0, 1), (1, 1), (2, 1), (3, 18)]
+    built = batch.build(out, max_slots=8, pages_per_seq=32, buckets=batch.prefill_buckets(20))
+    assert batch.prefill_buckets(20) == (16, 20) and batch.decode_buckets(8) == (1, 2, 4, 8)
+    decode, prefill = built.calls
+    assert decode.shape == (4, 1) and prefill.shape == (1, 20)
+    assert decode.seq_ids.tolist() == [0, 1, 2, 0] and decode.positions[:, 0].tolist() == [4, 4, 4, -1]
+    assert decode.request_ids == [0, 1, 2, None] and decode.output_index.tolist() == [1, 1, 1, 0]
+    assert prefill.seq_ids.tolist() == [3] and prefill.positions[0].tolist() == list(range(18)) + [-1, -1]
+    assert built.num_tokens == 21 and built.num_padded_tokens == 1 + 2
+    assert built.page_table[3, :6].tolist() == s.requests[3].pages + [0] and built.lengths.tolist()[:4] == [4, 4, 4, 0]

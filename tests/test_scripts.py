@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 def load_script(name: str):
     spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -87,3 +89,35 @@ def test_gpu_check_writes_its_summaries(tmp_path):
                                                      "run-sharded-tp1", "layouts-smollm2-135m"]
     assert all(s["exit"] == 0 and (tmp_path / s["log"]).is_file() for s in summary["steps"])
     assert "| benchmark-llama-2-7b | 0 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_bench_serving_reports_engine_static_and_prefix_caching(capsys, tmp_path):
+    bench = load_script("bench_serving")
+    schedule, out_json = tmp_path / "schedule.json", tmp_path / "out.json"
+    common = ["--preset", "tiny", "--max-slots", "4", "--max-tokens-per-step", "64"]
+    bench.main([*common, "--workload", "shared-prefix", "--groups", "2", "--prompts-per-group", "3",
+                "--prefix-len", "48", "--input-len", "8", "--output-len", "4", "--rate", "200",
+                "--save-schedule", str(schedule), "--json", str(out_json)])
+    out = capsys.readouterr().out
+    for needle in ("engine prefix on", "engine prefix off", "static batching", "x static batching's output tok/s",
+                   "prefix caching: mean TTFT", "TTFT", "TPOT", "ITL", "E2E", "goodput"):
+        assert needle in out, needle
+    result = json.loads(out_json.read_text())
+    runs = result["runs"]
+    assert runs["engine prefix on"]["engine"]["prefix_cache_hit_tokens"] > 0
+    assert runs["engine prefix off"]["engine"]["prefix_cache_hit_tokens"] == 0
+    assert all(r["output_tokens"] == 6 * 4 for r in runs.values())
+    assert runs["engine prefix on"]["engine"]["compilations_after_warm_up"] == 0
+    # The saved schedule replays: the same requests, arrivals and all.
+    saved = json.loads(schedule.read_text())["requests"]
+    assert len(saved) == 6 and saved[0]["arrival"] > 0
+    bench.main([*common, "--load-schedule", str(schedule), "--no-static", "--prefix-caching", "on"])
+    assert "6 requests" in capsys.readouterr().out
+
+
+def test_bench_serving_victim_keeps_decoding_beside_a_long_prefill(capsys):
+    bench = load_script("bench_serving")
+    bench.main(["--preset", "tiny", "--workload", "victim", "--victim-len", "120", "--attacker-len", "300",
+                "--max-slots", "2", "--max-tokens-per-step", "32"])
+    out = capsys.readouterr().out
+    assert "victim alone" in out and "% of alone" in out

@@ -1,9 +1,10 @@
 """SchedulerOutput -> StepInput: numpy arrays in the runner's compiled shapes (plain numpy, no jax).
 
-Two kinds of call, both the one program `steps.compute_and_sample`: every one-token chunk (decodes, and a prompt's
-last token) goes into one [max_slots, 1] call, row = slot; each longer chunk goes into a [1, T] call, T the
-smallest prefill bucket that holds it. A step therefore runs at most 1 + (prefill chunks) calls, each of a shape
-compiled at start-up.
+Two kinds of call, both the one program `steps.compute_and_sample`: the one-token chunks (decodes, and a prompt's
+last token) go into one [B, 1] call, B the smallest decode bucket (a power of two, or max_slots) that holds them;
+each longer chunk goes into a [1, T] call, T the smallest prefill bucket that holds it. A step therefore runs at
+most 1 + (prefill chunks) calls, each of a shape compiled at start-up; a padding row computes but writes nothing,
+so a decode of 3 requests among 16 slots costs a batch of 4, not of 16.
 """
 
 from __future__ import annotations
@@ -41,13 +42,23 @@ class StepInput:
     num_padded_tokens: int  # slots in the calls' shapes that compute nothing
 
 
-def prefill_buckets(prefill_chunk: int, minimum: int = 16) -> tuple[int, ...]:
-    """The [1, T] shapes: powers of two from `minimum` below prefill_chunk, and prefill_chunk itself."""
+def powers_of_two_to(top: int, minimum: int = 1) -> tuple[int, ...]:
+    """Powers of two from `minimum` below top, then top itself: the bucket sizes of one axis."""
     buckets, t = [], minimum
-    while t < prefill_chunk:
+    while t < top:
         buckets.append(t)
         t *= 2
-    return (*buckets, prefill_chunk)
+    return (*buckets, top)
+
+
+def prefill_buckets(prefill_chunk: int) -> tuple[int, ...]:
+    """The T of the [1, T] calls: 16, 32, ... up to the chunk."""
+    return powers_of_two_to(prefill_chunk, 16)
+
+
+def decode_buckets(max_slots: int) -> tuple[int, ...]:
+    """The B of the [B, 1] calls: 1, 2, 4, ... up to max_slots."""
+    return powers_of_two_to(max_slots)
 
 
 def _empty_call(batch: int, length: int) -> Call:
@@ -63,7 +74,11 @@ def _empty_call(batch: int, length: int) -> Call:
 
 def warm_up_calls(max_slots: int, buckets: tuple[int, ...]) -> list[Call]:
     """One all-padding call of every compiled shape: computes and writes nothing."""
-    return [_empty_call(max_slots, 1), *(_empty_call(1, t) for t in buckets)]
+    return [*(_empty_call(b, 1) for b in decode_buckets(max_slots)), *(_empty_call(1, t) for t in buckets)]
+
+
+def _bucket(buckets: tuple[int, ...], n: int) -> int:
+    return buckets[bisect.bisect_left(buckets, n)]
 
 
 def build(out: SchedulerOutput, *, max_slots: int, pages_per_seq: int, buckets: tuple[int, ...]) -> StepInput:
@@ -73,26 +88,28 @@ def build(out: SchedulerOutput, *, max_slots: int, pages_per_seq: int, buckets: 
         page_table[slot, : len(pages)] = pages
         lengths[slot] = out.lengths[slot]
 
+    singles = [c for c in out.chunks if len(c.token_ids) == 1]
     calls = []
-    decode = None
+    if singles:
+        decode = _empty_call(_bucket(decode_buckets(max_slots), len(singles)), 1)
+        calls.append(decode)
+        for row, chunk in enumerate(singles):
+            _put(decode, row, chunk)
     for chunk in out.chunks:
-        n = len(chunk.token_ids)
-        if n == 1:
-            if decode is None:
-                decode = _empty_call(max_slots, 1)
-                decode.seq_ids[:] = np.arange(max_slots)
-            call, row = decode, chunk.slot
-        else:
-            call, row = _empty_call(1, buckets[bisect.bisect_left(buckets, n)]), 0
-            call.seq_ids[0] = chunk.slot
+        if len(chunk.token_ids) > 1:
+            call = _empty_call(1, _bucket(buckets, len(chunk.token_ids)))
+            _put(call, 0, chunk)
             calls.append(call)
-        call.tokens[row, :n] = chunk.token_ids
-        call.positions[row, :n] = np.arange(chunk.start, chunk.start + n)
-        call.sample[row] = chunk.sample
-        call.output_index[row] = chunk.output_index
-        call.request_ids[row] = chunk.request_id if chunk.sample else None
-    if decode is not None:
-        calls.insert(0, decode)
     num_tokens = out.num_tokens
     padded = sum(c.tokens.size for c in calls) - num_tokens
     return StepInput(page_table, lengths, calls, out.slot_writes, out.new_pages, num_tokens, padded)
+
+
+def _put(call: Call, row: int, chunk) -> None:
+    n = len(chunk.token_ids)
+    call.tokens[row, :n] = chunk.token_ids
+    call.positions[row, :n] = np.arange(chunk.start, chunk.start + n)
+    call.seq_ids[row] = chunk.slot
+    call.sample[row] = chunk.sample
+    call.output_index[row] = chunk.output_index
+    call.request_ids[row] = chunk.request_id if chunk.sample else None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import itertools
 import time
 from collections.abc import Sequence
 
@@ -149,7 +150,7 @@ class Engine:
         )
         if warm_up:
             self.runner.warm_up()
-        self._next_id = 0
+        self._ids = itertools.count()  # next() is atomic: AsyncEngine numbers requests on its callers' threads
         self._texts: dict[int, _Text] = {}
         self._arrival: dict[int, float] = {}
         self._last_token_at: dict[int, float] = {}
@@ -220,9 +221,14 @@ class Engine:
             raise ParameterError("stop", "needs a tokenizer (stop strings match text); pass stop token ids instead")
         return tuple(stops)
 
+    def _number(self, request: Request) -> Request:
+        request.request_id = next(self._ids)
+        return request
+
     def _queue(self, request: Request) -> None:
-        request.request_id = self._next_id
-        self._next_id += 1
+        """Queue a checked request (numbered first if it is not yet)."""
+        if request.request_id < 0:
+            self._number(request)
         if self.tokenizer is not None:
             self._texts[request.request_id] = _Text(self.tokenizer, request.stop)
         self._arrival[request.request_id] = time.perf_counter()
