@@ -268,3 +268,57 @@ def test_tensor_parallel_engine_gives_the_one_device_tokens_and_compiles_nothing
     tokens, _ = run(engine, requests[:8])
     assert tokens == expected[:8]
     check_drained(engine)
+
+
+class _PieceTokenizer:
+    """token id i decodes to PIECES[i]: enough of a tokenizer for the engine's stop-string logic."""
+
+    PIECES = ["ab", "c\n", "\nd", "e", "xy"]
+
+    def stream(self):
+        pieces = self.PIECES
+
+        class Decoder:
+            def feed(self, token_id):
+                return pieces[token_id]
+
+            def flush(self):
+                return ""
+
+        return Decoder()
+
+
+@pytest.mark.parametrize(
+    ("tokens", "stop", "want_pieces", "stops_at"),
+    [
+        ([0, 1, 2, 3], ("\n\n",), ["a", "bc", "", ""], 2),  # the stop spans two tokens; the held "\n" never shows
+        ([0, 1, 2, 3], ("zz",), ["a", "bc", "\n\n", "de"], None),  # held back one character, all out by the end
+        ([4, 0], ("b", "yab"), ["", "x"], 1),  # the earliest match of any stop string wins
+        ([0, 3], (), ["ab", "e"], None),
+    ],
+)
+def test_stop_strings_hold_back_only_what_could_still_match(tokens, stop, want_pieces, stops_at):
+    from jaxinfer.engine.engine import _Text
+
+    text = _Text(_PieceTokenizer(), stop)
+    pieces = []
+    for i, token in enumerate(tokens):
+        piece, stopped = text.feed(token, final=i == len(tokens) - 1)
+        pieces.append(piece)
+        if stopped:
+            assert i == stops_at
+            break
+    else:
+        assert stops_at is None
+    assert pieces == want_pieces[: len(pieces)]
+
+
+def test_histogram_buckets_are_cumulative():
+    from jaxinfer.engine.engine import Histogram
+
+    h = Histogram()
+    for seconds in (0.0005, 0.02, 0.02, 100.0):
+        h.observe(seconds)
+    snap = h.snapshot()
+    assert snap["buckets"][0.001] == 1 and snap["buckets"][0.025] == 3 and snap["buckets"][60.0] == 3
+    assert snap["buckets"][float("inf")] == 4 and snap["count"] == 4 and snap["mean"] == pytest.approx(100.0405 / 4)
