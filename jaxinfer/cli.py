@@ -354,7 +354,10 @@ def cmd_generate(args) -> int:
     prompts = [_prompt_ids(model, spec) for spec in specs]
     printer = _Printer(args.json, label_rows=len(specs) > 1)
     engine = _engine(model, max_slots=min(args.batch_size, len(specs)))
-    _, interrupted = _run(engine, specs, prompts, printer, args.interrupts)
+    try:
+        _, interrupted = _run(engine, specs, prompts, printer, args.interrupts)
+    finally:
+        engine.close()
     if interrupted:
         print("jaxinfer: interrupted", file=sys.stderr)
         return interrupts.EXIT_INTERRUPTED
@@ -390,6 +393,13 @@ def cmd_chat(args) -> int:
     # One engine for the session: turn N finds the history's pages in its prefix cache, so its first token waits
     # for the new tokens, not for the whole conversation again. One slot; the pool holds one whole context.
     engine = _engine(model, max_slots=1, num_pages=1 + -(-context // 16))
+    try:
+        return _chat_loop(engine, history, defaults, context, args.interrupts)
+    finally:
+        engine.close()
+
+
+def _chat_loop(engine, history: ChatHistory, defaults: Defaults, context: int, watch) -> int:
     _utf8_stdin()
     print("[chat: Ctrl-C stops a reply, /reset forgets the history, Ctrl-D or /exit quits]", file=sys.stderr)
     while True:
@@ -403,7 +413,7 @@ def cmd_chat(args) -> int:
         if not line.strip():
             continue
         try:
-            _chat_turn(engine, history, line, defaults, context, args.interrupts)
+            _chat_turn(engine, history, line, defaults, context, watch)
         except (ValueError, RuntimeError, MemoryError) as e:  # this turn failed; the conversation goes on
             _report(e)
 

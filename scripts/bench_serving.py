@@ -47,8 +47,8 @@ class Req:
 def sharegpt(n: int, vocab: int, rng, context: int) -> list[tuple[list[int], int]]:
     out = []
     while len(out) < n:
-        i = int(round(rng.lognormal(math.log(135), 1.1)))
-        o = max(1, int(round(rng.lognormal(math.log(132), 0.8))))
+        i = round(rng.lognormal(math.log(135), 1.1))
+        o = max(1, round(rng.lognormal(math.log(132), 0.8)))
         if 4 <= i <= 1024 and i + o <= min(2048, context):
             out.append((rng.integers(0, vocab, i).tolist(), o))
     return out

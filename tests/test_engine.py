@@ -168,8 +168,8 @@ def test_abort_frees_pages_and_disturbs_nobody(tiny, tiny_reference):
         ({"prompt": []}, "prompt", "is empty"),
         ({"prompt": [1, 256]}, "prompt", "outside the vocabulary [0, 256)"),
         ({"prompt": [1] * 500, "max_new_tokens": 13}, "prompt", "exceeds the engine's max_model_len=512"),
-        ({"prompt": [1] * 200, "max_new_tokens": 100}, "prompt", "needs 38 pages of 8 tokens, more than the whole "
-                                                                 "page pool (31 pages, num_pages=32)"),
+        ({"prompt": [1] * 200, "max_new_tokens": 100}, "prompt",
+         "needs 38 pages of 8 tokens, more than the whole page pool (31 pages, num_pages=32)"),
         ({"prompt": "text"}, "prompt", "no tokenizer"),
         ({"prompt": [1], "max_new_tokens": 0}, "max_new_tokens", "must be an int in [1,"),
         ({"prompt": [1], "sampling": {"temperature": 0}}, "sampling", "must be a SamplingParams"),
@@ -273,7 +273,7 @@ def test_tensor_parallel_engine_gives_the_one_device_tokens_and_compiles_nothing
 class _PieceTokenizer:
     """token id i decodes to PIECES[i]: enough of a tokenizer for the engine's stop-string logic."""
 
-    PIECES = ["ab", "c\n", "\nd", "e", "xy"]
+    PIECES = ("ab", "c\n", "\nd", "e", "xy")
 
     def stream(self):
         pieces = self.PIECES

@@ -89,6 +89,7 @@ class AsyncEngine:
         self._closed = True
         self._wake.set()
         self._thread.join()
+        self.engine.close()
 
     def _command(self, command) -> None:
         self._commands.put(command)
@@ -108,7 +109,7 @@ class AsyncEngine:
                     self._deliver(out)
                 if not busy:
                     self._wake.wait()
-        except BaseException as e:  # a device or internal error: every waiting stream hears of it
+        except Exception as e:  # noqa: BLE001 (a device or internal error: every waiting stream hears of it)
             self._error = e
             for loop, outputs in list(self._streams.values()):
                 loop.call_soon_threadsafe(outputs.put_nowait, e)

@@ -245,6 +245,10 @@ class Engine:
         self._pending.append(RequestOutput(request_id, [], "" if self.tokenizer else None, "abort"))
         return True
 
+    def close(self) -> None:
+        """Let go of the runner's compile counter (a jax.monitoring listener); the engine is unusable after."""
+        self.runner.close()
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending)
 
@@ -288,6 +292,8 @@ class Engine:
             text, hit_stop = self._texts[rid].feed(token, final=request.is_finished)
             if hit_stop and not request.is_finished:
                 self.scheduler.finish(request, FinishReason.STOP)
+            elif hit_stop:  # the stop string came with the last token the length allowed: still a stop
+                request.finish_reason = FinishReason.STOP
         reason = request.finish_reason.value if request.is_finished else None
         if request.is_finished:
             self._forget(rid)
