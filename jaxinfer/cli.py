@@ -304,10 +304,13 @@ class _Printer:
         return cursor
 
 
-def _engine(model, max_slots: int, num_pages: int | None = None):
-    """The CLI's engine: programs compile on first use (a one-shot command pays only for the shapes it meets; the
-    persistent compilation cache keeps them for the next run), so the first token is not behind a warm-up."""
-    return jaxinfer.Engine(model, max_slots=max_slots, num_pages=num_pages, warm_up=False)
+def _engine(model, prompt_lengths: list[int], max_slots: int, num_pages: int | None = None):
+    """The CLI's engine, with the programs these prompts meet compiled (or read from the persistent compilation
+    cache) before the first token, so TTFT and tokens/s are the model's, not a compile's; other shapes (a chat's
+    later turns) compile on first use."""
+    engine = jaxinfer.Engine(model, max_slots=max_slots, num_pages=num_pages, warm_up=False)
+    print(f"[compiled in {engine.warm_up(prompt_lengths):.1f} s]", file=sys.stderr)
+    return engine
 
 
 def _run(engine, specs: list[PromptSpec], prompts: list[list[int]], printer: _Printer, watch) -> tuple[list[_Row], bool]:
@@ -353,7 +356,7 @@ def cmd_generate(args) -> int:
     model = _load(args, checkpoint, cfg, context)
     prompts = [_prompt_ids(model, spec) for spec in specs]
     printer = _Printer(args.json, label_rows=len(specs) > 1)
-    engine = _engine(model, max_slots=min(args.batch_size, len(specs)))
+    engine = _engine(model, [len(ids) for ids in prompts], max_slots=min(args.batch_size, len(specs)))
     try:
         _, interrupted = _run(engine, specs, prompts, printer, args.interrupts)
     finally:
@@ -392,7 +395,7 @@ def cmd_chat(args) -> int:
     history = ChatHistory(args.system)
     # One engine for the session: turn N finds the history's pages in its prefix cache, so its first token waits
     # for the new tokens, not for the whole conversation again. One slot; the pool holds one whole context.
-    engine = _engine(model, max_slots=1, num_pages=1 + -(-context // 16))
+    engine = _engine(model, [], max_slots=1, num_pages=1 + -(-context // 16))
     try:
         return _chat_loop(engine, history, defaults, context, args.interrupts)
     finally:

@@ -299,7 +299,7 @@ def test_ctrl_c_stops_the_reply_after_the_step_in_flight(capsys):
         def stoppable(self):
             yield stop
 
-    engine = cli._engine(model, max_slots=1)
+    engine = cli._engine(model, [1], max_slots=1)
     real_step = engine.step
     steps = []
 
@@ -454,7 +454,7 @@ def test_chat_turns_find_the_history_in_the_prefix_cache(tiny_chat_model):
                                      "--temperature", "0"])
     model = jaxinfer.load_model(tiny_chat_model)
     context = model.cfg.max_position_embeddings
-    engine = cli._engine(model, max_slots=1, num_pages=1 + context // 16)
+    engine = cli._engine(model, [], max_slots=1, num_pages=1 + context // 16)
     history = ChatHistory(None)
     previous_prompt = 0
     for turn, line in enumerate(["Hello there, how are you today?", "Tell me about the sea.", "And the sky?"]):

@@ -147,6 +147,22 @@ def test_no_compilation_after_warm_up_across_100_mixed_requests(tiny, compilatio
     check_drained(engine)
 
 
+def test_warm_up_for_prompt_lengths_compiles_what_those_prompts_meet(tiny, compilations):
+    engine = jaxinfer.Engine(tiny, max_slots=4, max_tokens_per_step=64, page_size=8, prefill_chunk=32,
+                             warm_up=False)
+    prompts = random_prompts(tiny.cfg.vocab_size, [70, 3, 20], seed=8)
+    assert engine.warm_up([len(p) for p in prompts]) > 0
+    compilations.clear()
+    got = engine.generate(prompts, sampling=GREEDY, max_new_tokens=5)
+    assert sum(compilations.values()) == 0, compilations
+    assert engine.metrics()["compilations_after_warm_up"] == 0
+    assert [g.tokens for g in got] == [g.tokens for g in jaxinfer.generate(tiny, prompts, max_new_tokens=5,
+                                                                        sampling=GREEDY)]
+    for bad in ([0], [5, -1], [tiny.cfg.max_position_embeddings + 1], ["12"]):
+        with pytest.raises(ParameterError, match="prompt_lengths"):
+            engine.warm_up(bad)
+
+
 def test_abort_frees_pages_and_disturbs_nobody(tiny, tiny_reference):
     requests, expected = tiny_reference
     engine = jaxinfer.Engine(tiny, max_slots=4, num_pages=40, max_tokens_per_step=64, page_size=8,

@@ -291,3 +291,19 @@ def test_batch_packs_one_token_chunks_into_a_decode_bucket_and_pads_prefill_chun
     assert prefill.seq_ids.tolist() == [3] and prefill.positions[0].tolist() == list(range(18)) + [-1, -1]
     assert built.num_tokens == 21 and built.num_padded_tokens == 1 + 2
     assert built.page_table[3, :6].tolist() == s.requests[3].pages + [0] and built.lengths.tolist()[:4] == [4, 4, 4, 0]
+
+
+def test_warm_up_for_prompt_lengths_covers_their_chunks_and_decode_rows():
+    from jaxinfer.engine import batch
+
+    def shapes(lengths, max_slots=8, chunk=64):
+        return [c.shape for c in batch.warm_up_calls(max_slots, batch.prefill_buckets(chunk), lengths)]
+
+    assert batch.prefill_buckets(64) == (16, 32, 64)
+    every = [(1, 1), (2, 1), (4, 1), (8, 1), (1, 16), (1, 32), (1, 64)]
+    assert shapes(None) == every
+    # 150 = 64 + 64 + 22: buckets 64 and 32; 3 prompts decode in a batch of up to 4 rows.
+    assert shapes([150, 5, 1]) == [(1, 1), (2, 1), (4, 1), (1, 16), (1, 32), (1, 64)]
+    # A last chunk of one token goes into the decode call (65 = 64 + 1); no prompt: decode alone.
+    assert shapes([65]) == [(1, 1), (1, 64)] and shapes([]) == [(1, 1)]
+    assert shapes([20] * 30, max_slots=6) == [(1, 1), (2, 1), (4, 1), (6, 1), (1, 32)]

@@ -177,9 +177,26 @@ def read_gguf(path: str | Path):
 def _read(gguf, path: Path):
     """GGUFReader parses the header and maps every tensor; a short or malformed file fails in numpy."""
     try:
-        return gguf.GGUFReader(path)
+        return _reader_class(gguf)(path)
     except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError, OSError) as e:
         raise ValueError(f"{path}: not a readable GGUF file (truncated or malformed: {type(e).__name__}: {e})") from e
+
+
+def _reader_class(gguf):
+    class Reader(gguf.GGUFReader):
+        """GGUFReader reading through a plain ndarray view of its mapping (still the mapped file, nothing copied):
+        each slice of a numpy memmap costs Python calls, and the header parses one slice per vocabulary string
+        (the default model's 49k-token vocabulary and merges: 5.3 -> 1.2 s)."""
+
+        @property
+        def data(self):
+            return self._mapped
+
+        @data.setter
+        def data(self, mapped):
+            self._mapped = mapped.view(np.ndarray)
+
+    return Reader
 
 
 def _can_dequantize(gguf, qtype) -> bool:

@@ -72,9 +72,20 @@ def _empty_call(batch: int, length: int) -> Call:
     )
 
 
-def warm_up_calls(max_slots: int, buckets: tuple[int, ...]) -> list[Call]:
-    """One all-padding call of every compiled shape: computes and writes nothing."""
-    return [*(_empty_call(b, 1) for b in decode_buckets(max_slots)), *(_empty_call(1, t) for t in buckets)]
+def warm_up_calls(max_slots: int, buckets: tuple[int, ...], prompt_lengths=None) -> list[Call]:
+    """One all-padding call of each shape to compile (computes and writes nothing): every shape, or with
+    prompt_lengths those that these prompts meet side by side without a prefix hit: the buckets of their whole
+    chunks and the decode buckets up to one row per prompt (a step whose budget splits a chunk further meets
+    that chunk's shape on first use)."""
+    decodes, prefills = decode_buckets(max_slots), buckets
+    if prompt_lengths is not None:
+        lengths = list(prompt_lengths)
+        top = _bucket(decodes, min(max(len(lengths), 1), max_slots))
+        decodes = tuple(b for b in decodes if b <= top)
+        chunk = buckets[-1]
+        pieces = [c for n in lengths for c in (*[chunk] * (n // chunk), n % chunk) if c > 1]
+        prefills = tuple(sorted({_bucket(buckets, c) for c in pieces}))
+    return [*(_empty_call(b, 1) for b in decodes), *(_empty_call(1, t) for t in prefills)]
 
 
 def _bucket(buckets: tuple[int, ...], n: int) -> int:

@@ -113,7 +113,8 @@ class Engine:
         warm_up: bool = True,
     ):
         """warm_up: compile every step program now (a server's choice: no request ever waits for a compile);
-        False compiles each on first use (a one-shot command's: it pays only for the shapes it meets)."""
+        False compiles each on first use, or when `warm_up(prompt_lengths)` is called (a one-shot command's: it
+        pays only for the shapes it meets, before its first token)."""
         cfg = model.cfg
         max_slots = check_count("max_slots", max_slots, 4096)
         max_tokens_per_step = check_count("max_tokens_per_step", max_tokens_per_step)
@@ -149,7 +150,7 @@ class Engine:
             poison_new_pages=poison_new_pages,
         )
         if warm_up:
-            self.runner.warm_up()
+            self.warm_up()
         self._ids = itertools.count()  # next() is atomic: AsyncEngine numbers requests on its callers' threads
         self._texts: dict[int, _Text] = {}
         self._arrival: dict[int, float] = {}
@@ -160,6 +161,15 @@ class Engine:
         self._steps = 0
         self._padded_tokens = 0
         self._computed_tokens = 0
+
+    def warm_up(self, prompt_lengths=None) -> float:
+        """Compile step programs now -> seconds spent: every shape (None), or those that prompts of these lengths
+        meet side by side (their prefill chunks' buckets, decode up to one row each): what a one-shot command
+        calls before its first token, so its TTFT and token rate are not a compile's."""
+        if prompt_lengths is not None:
+            prompt_lengths = [check_count("prompt_lengths", n, self.max_model_len) for n in prompt_lengths]
+        self.runner.warm_up(prompt_lengths)
+        return self.runner.warm_up_seconds
 
     # -------------------------------------------------------------------------------- requests
 

@@ -81,12 +81,13 @@ class Runner:
     def close(self):
         self._compiles.close()
 
-    def warm_up(self) -> None:
-        """Compile every program of a step: one all-padding call of each shape (writes nothing), a slot write."""
+    def warm_up(self, prompt_lengths=None) -> None:
+        """Compile the programs of a step: one all-padding call of each shape (writes nothing; every shape, or
+        those prompts of these lengths meet: batch.warm_up_calls), a slot write."""
         start = time.perf_counter()
         page_table = np.zeros((self.max_slots, self.cache.pages_per_seq), np.int32)
         lengths = np.zeros((self.max_slots,), np.int32)
-        for call in warm_up_calls(self.max_slots, self.buckets):
+        for call in warm_up_calls(self.max_slots, self.buckets, prompt_lengths):
             tok, _ = self._dispatch(call, page_table, lengths)
         self._write_slot(SlotWrite(0, -1, _GREEDY, 0, (), ()))
         if self.poison_new_pages:
