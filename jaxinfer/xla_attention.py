@@ -19,12 +19,13 @@ import jax
 import jax.numpy as jnp
 
 _MASKED = -1e30  # finite: a block a row cannot see leaves its running max and sum unchanged, never NaN
-# Keys per loop iteration (rounded to whole pages), measured on the 2-core CPU (profiles/README.md): 256 for a
-# prefill chunk (of 128 / 256 / 512 with 256-token chunks: its [B, K, G, T, 256] scores stay in cache); a decode
-# step (T = 1) reads larger blocks, fewer iterations (each layer's loop is a while loop of its own: 512-key blocks
-# made the step ~10% slower than one gather).
+# Keys per loop iteration (rounded to whole pages), measured on the 2-core CPU (profiles/README.md): 256, for a
+# prefill chunk (of 128 / 256 / 512 with 256-token chunks: its [B, K, G, T, 256] scores stay in cache) and for a
+# decode step alike. Every row of a decode reads the blocks up to the longest row's length, so a block is also the
+# most a row reads past its own keys: 2,048-key blocks made the smollm2-135m forward of 16 rows at 200 tokens
+# 716 ms (2,048 keys gathered per row and layer), 256-key blocks 203 ms; one row at 4,000 tokens 95 -> 78 ms.
 DEFAULT_BLOCK_KEYS = 256
-DECODE_BLOCK_KEYS = 2048
+DECODE_BLOCK_KEYS = 256
 
 
 def _block_pages(page_size: int, pages_per_seq: int, block_keys: int) -> int:
