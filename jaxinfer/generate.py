@@ -163,7 +163,8 @@ def _one_or_per_prompt(name: str, value, check):
     return check(value)
 
 
-def _per_prompt(name: str, value, n: int) -> list:
+def per_prompt(name: str, value, n: int) -> list:
+    """One value for every prompt, or a list of n (one per prompt) -> a list of n; ParameterError otherwise."""
     if not isinstance(value, list):
         return [value] * n
     if len(value) != n:
@@ -247,7 +248,7 @@ def _check_request(
     prefill_chunk = check_count("prefill_chunk", prefill_chunk)
     token_lists = _check_prompts(prompts, model_, max_new_tokens)
     n = len(token_lists)
-    limits = _per_prompt("max_new_tokens", max_new_tokens, n)
+    limits = per_prompt("max_new_tokens", max_new_tokens, n)
     params_list = _sampling_list(sampling, n)
     T, num_chunks = prompt_chunks(max(len(t) for t in token_lists), prefill_chunk)
     M = bucket(max(limits), MIN_NEW_TOKENS_BUCKET)
@@ -255,7 +256,7 @@ def _check_request(
     capacity = bucket(max(budgets), MIN_CAPACITY_BUCKET)
     page_table, num_pages = _reserve_pages(budgets, bucket(n), capacity, page_size, num_pages)
     if isinstance(seed, list):
-        seed = _per_prompt("seed", seed, n)
+        seed = per_prompt("seed", seed, n)
     return _Request(
         token_lists, params_list, seed, limits, T, num_chunks, M, page_table, num_pages, page_size, runtime
     )

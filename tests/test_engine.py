@@ -243,6 +243,8 @@ def test_engine_generate_returns_generate_outputs(tiny):
     assert [(g.tokens, g.finish_reason) for g in got] == [(w.tokens, w.finish_reason) for w in want]
     with pytest.raises(ParameterError, match=r"prompts\[1\]"):
         engine.generate([[1], []])
+    with pytest.raises(ParameterError, match=r"seed has 1 entries; pass one value or a list of 2, one per prompt"):
+        engine.generate([[1], [2]], seed=[1])
     assert not engine.has_unfinished()
 
 

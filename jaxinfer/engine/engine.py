@@ -25,7 +25,9 @@ from jaxinfer.engine.request import FinishReason, Request
 from jaxinfer.engine.runner import Runner
 from jaxinfer.engine.scheduler import Scheduler
 from jaxinfer.errors import ParameterError, is_int
-from jaxinfer.generate import DEFAULT_PAGE_SIZE, DEFAULT_PREFILL_CHUNK, GenerationOutput, check_count, check_token_ids
+from jaxinfer.generate import (
+    DEFAULT_PAGE_SIZE, DEFAULT_PREFILL_CHUNK, GenerationOutput, check_count, check_token_ids, per_prompt,
+)
 from jaxinfer.sampling_params import SamplingParams, check_seed
 
 STOP_WIDTH = 16  # stop token ids per request on the device (the model's EOS ids included)
@@ -321,17 +323,9 @@ class Engine:
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
             raise ParameterError("prompts", "must be a non-empty list of prompts (strings or token-id lists)")
         n = len(prompts)
-
-        def per_prompt(name, value, single):
-            if isinstance(value, single) or value is None or not isinstance(value, (list, tuple)):
-                return [value] * n
-            if len(value) != n:
-                raise ParameterError(name, f"has {len(value)} entries; pass one value or a list of {n}")
-            return list(value)
-
-        samplings = per_prompt("sampling", sampling, SamplingParams)
-        limits = per_prompt("max_new_tokens", max_new_tokens, int)
-        seeds = per_prompt("seed", seed, int)
+        samplings = per_prompt("sampling", sampling, n)
+        limits = per_prompt("max_new_tokens", max_new_tokens, n)
+        seeds = per_prompt("seed", seed, n)
         checked = []
         for i, prompt in enumerate(prompts):
             try:
