@@ -25,7 +25,6 @@ _MASKED = -1e30  # finite: a block a row cannot see leaves its running max and s
 # most a row reads past its own keys: 2,048-key blocks made the smollm2-135m forward of 16 rows at 200 tokens
 # 716 ms (2,048 keys gathered per row and layer), 256-key blocks 203 ms; one row at 4,000 tokens 95 -> 78 ms.
 DEFAULT_BLOCK_KEYS = 256
-DECODE_BLOCK_KEYS = 256
 
 
 def _block_pages(page_size: int, pages_per_seq: int, block_keys: int) -> int:
@@ -66,7 +65,7 @@ def blocked_attention(
 ):
     """q [B, T, N, H] at q_positions [B, T] (-1 = padding) -> [B, T, N, H] in q.dtype; rows that see no key -> 0.
 
-    block_keys: keys per iteration; None: DECODE_BLOCK_KEYS for T = 1, else DEFAULT_BLOCK_KEYS.
+    block_keys: keys per iteration; None: DEFAULT_BLOCK_KEYS.
 
     k_pages, v_pages [K, P, page_size, H], or [L, K, P, page_size, H] with `layer` the index to read.
     page_table [B, pages_per_seq]; kv_lengths [B] keys written per row."""
@@ -74,7 +73,7 @@ def blocked_attention(
     *_, K, _, page_size, _ = k_pages.shape
     G = N // K
     pages_per_seq = page_table.shape[1]
-    block_keys = block_keys or (DECODE_BLOCK_KEYS if T == 1 else DEFAULT_BLOCK_KEYS)
+    block_keys = block_keys or DEFAULT_BLOCK_KEYS
     n = _block_pages(page_size, pages_per_seq, block_keys)  # pages per block
     num_blocks = -(-pages_per_seq // n)
     table = jnp.pad(page_table, ((0, 0), (0, num_blocks * n - pages_per_seq)))  # [B, num_blocks * n]; tail masked

@@ -1,12 +1,12 @@
 """Probe (not a test): one jitted decode forward (T = 1) of random smollm2-135m float32, B rows each at length L,
-with xla_attention.DECODE_BLOCK_KEYS = $BK (default 256). A process per setting:
+with xla_attention.DEFAULT_BLOCK_KEYS = $BK (default 256; before 2026-12-01 decode had its own, 2,048). A process per setting:
 
     BK=2048 JAXINFER_COMPILATION_CACHE=off python profiles/probes/decode_forward.py 16 1024
 """
 import time, statistics, numpy as np, jax, jax.numpy as jnp, dataclasses, sys
 import jaxinfer, os
 from jaxinfer import xla_attention
-xla_attention.DECODE_BLOCK_KEYS = int(os.environ.get("BK", "256"))
+xla_attention.DEFAULT_BLOCK_KEYS = int(os.environ.get("BK", "256"))
 
 from jaxinfer import sharding, steps, model as M, kv_cache
 from jaxinfer.config import ModelConfig
