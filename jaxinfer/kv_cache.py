@@ -83,13 +83,18 @@ def write(
     positions: jax.Array,  # [B, T], -1 for padding
     layer: jax.Array | int,  # [] the layer whose pool is written (traced inside the layer scan)
 ) -> tuple[jax.Array, jax.Array]:
-    """Scatter this chunk's K/V into layer `layer`'s (page, slot) addresses; padding writes nothing.
-
-    One scatter into the whole stacked pool (in place under donation), never a copy of the layer's slice."""
+    """Scatter this chunk's K/V into layer `layer`'s (page, slot) addresses; padding writes nothing."""
     _, _, num_pages, page_size, _ = k_pages.shape
     page, slot = page_addresses(page_table, positions, num_pages, page_size)
-    # [layer, :, page, slot]: the scalar and the two [B, T] indices are split by a slice, so (numpy's rule) the
-    # indexed dims come first: the update is [B, T, K, H], k as it is.
+    return write_at(k_pages, v_pages, k, v, page, slot, layer)
+
+
+def write_at(k_pages, v_pages, k, v, page, slot, layer):
+    """k, v [..., K, H] into layer `layer` at page_addresses' (page, slot) [...] (page num_pages: dropped).
+
+    One scatter into the whole stacked pool (in place under donation), never a copy of the layer's slice."""
+    # [layer, :, page, slot]: the scalar and the two index arrays are split by a slice, so (numpy's rule) the
+    # indexed dims come first: the update is [..., K, H], k as it is.
     k_pages = k_pages.at[layer, :, page, slot].set(k.astype(k_pages.dtype), mode="drop")
     v_pages = v_pages.at[layer, :, page, slot].set(v.astype(v_pages.dtype), mode="drop")
     return k_pages, v_pages

@@ -231,34 +231,81 @@ def all_reduce(x: jax.Array, tp_axis: str | None) -> jax.Array:
     return x if tp_axis is None else jax.lax.psum(x, tp_axis)
 
 
-def attention_block(layer, cfg, x, positions, inv_freq, k_pages, v_pages, page_table, kv_lengths, index, backend):
-    """x [B, T, D] -> ([B, T, D], k_pages, v_pages): project, rotate, write layer `index` of the stacked cache
-    [L, K, P, page_size, H], attend, project out."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Rows:
+    """One group of a forward's rows: B rows of T tokens, row b one cache sequence. A forward takes one group or
+    several of different shapes (a step's decode rows [B, 1] beside a prompt's chunk [1, T]): the matmuls run
+    over all their tokens at once (one read of the weights), attention and the cache write group by group."""
+
+    tokens: jax.Array  # [B, T] int32
+    positions: jax.Array  # [B, T] int32 absolute positions; -1 marks padding (not written, not attended)
+    seq_ids: jax.Array  # [B] int32: row b reads and writes cache sequence seq_ids[b]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _GroupKeys:
+    """What attention needs of one group of rows: positions [B, T], its rows of the page table [B, pages_per_seq]
+    and kv_lengths [B] (keys written once this chunk is)."""
+
+    positions: jax.Array
+    page_table: jax.Array
+    kv_lengths: jax.Array
+
+
+def _split_tokens(x: jax.Array, groups) -> list[jax.Array]:
+    """x [1, N, ...] over all groups' tokens -> [B, T, ...] per group (N = sum of B * T; static slices)."""
+    parts, start = [], 0
+    for g in groups:
+        B, T = g.positions.shape
+        parts.append(x[0, start : start + B * T].reshape(B, T, *x.shape[2:]))
+        start += B * T
+    return parts
+
+
+def _join_tokens(parts: list[jax.Array]) -> jax.Array:
+    """[B, T, ...] per group -> [1, N, ...]."""
+    flat = [p.reshape(1, -1, *p.shape[2:]) for p in parts]
+    return flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=1)
+
+
+def attention_block(layer, cfg, x, inv_freq, k_pages, v_pages, groups, write_to, index, backend):
+    """x [1, N, D] (every group's tokens) -> ([1, N, D], k_pages, v_pages): project, rotate, write layer `index` of
+    the stacked cache [L, K, P, page_size, H] at write_to (page, slot) [1, N], attend group by group, project out."""
     q = jnp.einsum("BTD,DNH->BTNH", x, layer.wq)
     k = jnp.einsum("BTD,DKH->BTKH", x, layer.wk)
     v = jnp.einsum("BTD,DKH->BTKH", x, layer.wv)
     if cfg.qkv_bias:
         q, k, v = q + layer.bq, k + layer.bk, v + layer.bv
+    positions = _join_tokens([g.positions for g in groups])  # [1, N]
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
-    k_pages, v_pages = kv_cache.write(k_pages, v_pages, k, v, page_table, positions, index)
-    o = attn.attention(
-        q, k_pages, v_pages, page_table, positions, kv_lengths, sliding_window=cfg.sliding_window, backend=backend,
-        layer=index,
-    )  # [B, T, N, H]
-    B, T, N, H = o.shape
-    # One [B, T, N*H] x [N*H, D] matmul: contracting (N, H) as two dims made XLA:CPU transpose-copy wo every step.
-    out = jnp.einsum("BTE,ED->BTD", o.reshape(B, T, N * H), layer.wo.reshape(N * H, -1))
+    # Every group's K/V in one scatter, before any group attends: a write between two groups' reads of the pool
+    # made XLA copy the pool (both layers' worth) rather than update it in place.
+    k_pages, v_pages = kv_cache.write_at(k_pages, v_pages, k, v, *write_to, index)
+    outs = [
+        attn.attention(
+            qg, k_pages, v_pages, g.page_table, g.positions, g.kv_lengths, sliding_window=cfg.sliding_window,
+            backend=backend, layer=index,
+        )  # [B, T, N, H]
+        for g, qg in zip(groups, _split_tokens(q, groups))
+    ]
+    o = _join_tokens(outs)  # [1, N, heads, H]
+    _, T, N, H = o.shape
+    # One [1, T, N*H] x [N*H, D] matmul: contracting (N, H) as two dims made XLA:CPU transpose-copy wo every step.
+    out = jnp.einsum("BTE,ED->BTD", o.reshape(1, T, N * H), layer.wo.reshape(N * H, -1))
     return out, k_pages, v_pages
 
 
-def decoder_layer(layer, cfg, x, k_pages, v_pages, index, *, positions, inv_freq, page_table, kv_lengths,
-                  backend, tp_axis):
-    """One layer: x [B, T, D] -> x [B, T, D], with this chunk's K/V written into layer `index` of the cache."""
+def decoder_layer(layer, cfg, x, k_pages, v_pages, index, *, groups, write_to, inv_freq, backend, tp_axis):
+    """One layer: x [1, N, D] -> x [1, N, D], with this chunk's K/V written into layer `index` of the cache;
+    groups: a _GroupKeys per group of rows, in the order of their tokens in x; write_to: where each token's K/V
+    goes, kv_cache.page_addresses' (page, slot) [1, N]."""
     with jax.named_scope("attention"):
         h = rms_norm(x, layer.attn_norm, cfg.norm_eps)
         h, k_pages, v_pages = attention_block(
-            layer, cfg, h, positions, inv_freq, k_pages, v_pages, page_table, kv_lengths, index, backend
+            layer, cfg, h, inv_freq, k_pages, v_pages, groups, write_to, index, backend
         )
         x = x + all_reduce(h, tp_axis)
     with jax.named_scope("mlp"):
@@ -287,21 +334,39 @@ def forward_hidden(
     runtime: Runtime = DEFAULT_RUNTIME,
     tp_axis: str | None = None,
 ) -> tuple[jax.Array, kv_cache.KVCache]:
-    """-> (final-normed hidden states [B, T, D], cache with this chunk's K/V written).
+    """-> (final-normed hidden states [B, T, D], cache with this chunk's K/V written): forward_rows of one group.
 
     params.layers: stacked, run as one scan body; a tuple of layers, unrolled (see the module docstring).
     runtime: the attention backend (runtime.mesh is jaxinfer.sharding's business: it calls this inside shard_map).
     tp_axis: inside shard_map, the mesh axis the heads, F and V are split over; params and cache are then this
     device's shards, and each layer ends its attention and its MLP with one psum.
     """
-    page_table = cache.page_table[seq_ids]  # [B, pages_per_seq]
-    kv_lengths = jnp.maximum(cache.lengths[seq_ids], jnp.max(positions, axis=1) + 1)  # [B]
-    layer_args = dict(
-        positions=positions, inv_freq=rope_inv_freq(cfg), page_table=page_table, kv_lengths=kv_lengths,
-        backend=runtime.attention_backend, tp_axis=tp_axis,
+    (hidden,), cache = forward_rows(
+        params, cfg, (Rows(tokens, positions, seq_ids),), cache, runtime=runtime, tp_axis=tp_axis
     )
+    return hidden, cache
+
+
+def forward_rows(
+    params: Params, cfg: ModelConfig, rows: tuple[Rows, ...], cache: kv_cache.KVCache, *,
+    runtime: Runtime = DEFAULT_RUNTIME, tp_axis: str | None = None,
+) -> tuple[tuple[jax.Array, ...], kv_cache.KVCache]:
+    """One forward over several groups of rows (Rows: one group's [B, T] tokens) -> (final-normed hidden states
+    [B, T, D] per group, cache with every group's K/V written). No two rows may write the same sequence.
+    See forward_hidden for runtime and tp_axis."""
+    groups = []
+    for r in rows:
+        page_table = cache.page_table[r.seq_ids]  # [B, pages_per_seq]
+        kv_lengths = jnp.maximum(cache.lengths[r.seq_ids], jnp.max(r.positions, axis=1) + 1)  # [B]
+        groups.append(_GroupKeys(r.positions, page_table, kv_lengths))
+    groups = tuple(groups)
+    _, _, num_pages, page_size, _ = cache.k_pages.shape
+    addresses = [kv_cache.page_addresses(g.page_table, g.positions, num_pages, page_size) for g in groups]
+    write_to = tuple(_join_tokens([a[i] for a in addresses]) for i in (0, 1))  # (page, slot) [1, N] each
+    layer_args = dict(groups=groups, write_to=write_to, inv_freq=rope_inv_freq(cfg), backend=runtime.attention_backend,
+                      tp_axis=tp_axis)
     with jax.named_scope("embed"):
-        x = embed_lookup(params.embed, tokens, tp_axis)  # [B, T, D]
+        x = _join_tokens([embed_lookup(params.embed, r.tokens, tp_axis) for r in rows])  # [1, N, D]
     k_pages, v_pages = cache.k_pages, cache.v_pages  # [L, K, P, page_size, H]
     if isinstance(params.layers, tuple):
         for i, layer in enumerate(params.layers):
@@ -319,13 +384,12 @@ def forward_hidden(
         indices = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         (x, k_pages, v_pages), _ = jax.lax.scan(body, (x, k_pages, v_pages), (params.layers, indices))
     x = rms_norm(x, params.final_norm, cfg.norm_eps)
-    cache = kv_cache.KVCache(
-        k_pages=k_pages,
-        v_pages=v_pages,
-        page_table=cache.page_table,
-        lengths=cache.lengths.at[seq_ids].set(kv_lengths),
-    )
-    return x, cache
+    lengths = cache.lengths
+    for r, g in zip(rows, groups):  # a row without tokens (padding) leaves its sequence's length alone
+        written = jnp.where(jnp.max(r.positions, axis=1) >= 0, r.seq_ids, lengths.shape[0])  # [B]
+        lengths = lengths.at[written].set(g.kv_lengths, mode="drop")
+    cache = kv_cache.KVCache(k_pages=k_pages, v_pages=v_pages, page_table=cache.page_table, lengths=lengths)
+    return tuple(_split_tokens(x, groups)), cache
 
 
 def logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:

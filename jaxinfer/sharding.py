@@ -211,25 +211,30 @@ def _collective_axis(mesh: Mesh) -> str | None:
 
 def forward_hidden(params, cfg, tokens, positions, cache, seq_ids, *, runtime: Runtime = DEFAULT_RUNTIME):
     """model.forward_hidden, run on each device's shard of params and cache when runtime.mesh is not None."""
+    (hidden,), cache = forward_rows(params, cfg, (model.Rows(tokens, positions, seq_ids),), cache, runtime=runtime)
+    return hidden, cache
+
+
+def forward_rows(params, cfg, rows, cache, *, runtime: Runtime = DEFAULT_RUNTIME):
+    """model.forward_rows (several groups of rows in one forward) on runtime's mesh, as forward_hidden."""
     mesh = runtime.mesh
     if mesh is None:
-        return model.forward_hidden(params, cfg, tokens, positions, cache, seq_ids, runtime=runtime)
+        return model.forward_rows(params, cfg, rows, cache, runtime=runtime)
     tp = tp_size(mesh)
 
-    def local(params, tokens, positions, cache, seq_ids):
-        return model.forward_hidden(
-            _local_params(params, cfg, tp), cfg, tokens, positions, cache, seq_ids, runtime=runtime,
-            tp_axis=_collective_axis(mesh),
+    def local(params, rows, cache):
+        return model.forward_rows(
+            _local_params(params, cfg, tp), cfg, rows, cache, runtime=runtime, tp_axis=_collective_axis(mesh)
         )
 
     cache_specs = _cache_pspecs()
     return jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(pspecs_like(params, cfg, tp), P(), P(), cache_specs, P()),
+        in_specs=(pspecs_like(params, cfg, tp), P(), cache_specs),
         out_specs=(P(), cache_specs),  # hidden states are whole on every device after the last psum
         check_vma=tp > 1,  # without psums (tp=1) the check cannot see that one device's values are replicated
-    )(params, tokens, positions, cache, seq_ids)
+    )(params, rows, cache)
 
 
 def logits(params, cfg, hidden, *, mesh: Mesh | None = None):

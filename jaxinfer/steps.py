@@ -25,7 +25,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxinfer import kv_cache, sharding
+from jaxinfer import kv_cache, model, sharding
 from jaxinfer import sampling as sampling_lib
 from jaxinfer.runtime import DEFAULT as DEFAULT_RUNTIME
 from jaxinfer.runtime import Runtime
@@ -215,29 +215,45 @@ def init_slot_rows(num_slots: int, stop_width: int, vocab_size: int) -> SlotRows
     )
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepRows:
+    """One group of an engine step's rows: B rows each computing a chunk of T tokens of one request."""
+
+    tokens: jax.Array  # [B, T] int32
+    positions: jax.Array  # [B, T] int32, -1 padding
+    seq_ids: jax.Array  # [B] int32: slots
+    sample: jax.Array  # [B] bool: the chunk ends the request's tokens, so the row samples its next one
+    output_index: jax.Array  # [B] int32: that token's index in the request's output (its key)
+
+
 def _compute_and_sample(
-    params, cfg, cache, slots: SlotRows, page_table, lengths, tokens, positions, seq_ids, sample, output_index,
+    params, cfg, cache, slots: SlotRows, page_table, lengths, rows: tuple[StepRows, ...],
     *, runtime: Runtime = DEFAULT_RUNTIME,
 ):
     """Each row computes a chunk of one request's tokens; rows whose chunk ends the request's tokens sample its
     next one, with the key of (its seed, output index): nothing about the batch enters a row's token.
 
     page_table [S, pages_per_seq] and lengths [S] are the host's (tokens already cached per slot; a host-owned
-    copy, so preemption and prefix hits need no device bookkeeping); tokens, positions [B, T] (-1 padding), seq_ids
-    [B] slots, sample [B] bool, output_index [B] int32 -> (tokens [B] int32, stopped [B] bool, cache, slots)."""
-    B = tokens.shape[0]
+    copy, so preemption and prefix hits need no device bookkeeping); rows: groups of different shapes (decode rows
+    [B, 1] beside a chunk [1, T]) computed in one forward -> (tokens [R] int32, stopped [R] bool, cache, slots),
+    R the rows of all groups in order."""
     cache = dataclasses.replace(cache, page_table=page_table, lengths=lengths)
-    hidden, cache = sharding.forward_hidden(params, cfg, tokens, positions, cache, seq_ids, runtime=runtime)
-    last = jnp.argmax(positions, axis=1)  # [B]: the highest position is the chunk's last token
-    logits = sharding.logits(params, cfg, hidden[jnp.arange(B), last], mesh=runtime.mesh)  # [B, V]
+    groups = tuple(model.Rows(r.tokens, r.positions, r.seq_ids) for r in rows)
+    hidden, cache = sharding.forward_rows(params, cfg, groups, cache, runtime=runtime)
+    # Each row's hidden state after its chunk's last token (the highest position): [R, D]
+    h_last = jnp.concatenate([h[jnp.arange(h.shape[0]), jnp.argmax(r.positions, axis=1)] for h, r in zip(hidden, rows)])
+    seq_ids, sample, output_index = (jnp.concatenate([getattr(r, f) for r in rows])
+                                     for f in ("seq_ids", "sample", "output_index"))
+    logits = sharding.logits(params, cfg, h_last, mesh=runtime.mesh)  # [R, V]
     sampling = jax.tree.map(lambda a: a[seq_ids], slots.sampling)
     # Rows that do not sample count as greedy, so a batch of them skips the sort.
     sampling = dataclasses.replace(sampling, temperature=jnp.where(sample, sampling.temperature, 0.0))
-    keys = jax.vmap(jax.random.fold_in)(slots.keys[seq_ids], output_index)  # [B]
-    tok = sharding.sample(logits, sampling, keys, slots.seen[seq_ids], mesh=runtime.mesh)  # [B]
-    stopped = sample & jnp.any(tok[:, None] == slots.stop_ids[seq_ids], axis=1)  # [B]
-    rows = jnp.where(sample, seq_ids, slots.seen.shape[0])  # [B]: rows that do not sample write out of bounds
-    seen = slots.seen.at[rows, tok].set(True, mode="drop")
+    keys = jax.vmap(jax.random.fold_in)(slots.keys[seq_ids], output_index)  # [R]
+    tok = sharding.sample(logits, sampling, keys, slots.seen[seq_ids], mesh=runtime.mesh)  # [R]
+    stopped = sample & jnp.any(tok[:, None] == slots.stop_ids[seq_ids], axis=1)  # [R]
+    seen_rows = jnp.where(sample, seq_ids, slots.seen.shape[0])  # [R]: rows that do not sample write out of bounds
+    seen = slots.seen.at[seen_rows, tok].set(True, mode="drop")
     return tok, stopped, cache, dataclasses.replace(slots, seen=seen)
 
 

@@ -85,16 +85,19 @@ def tiny_reference(tiny):
 
 
 @pytest.mark.parametrize("prefix_caching", [True, False])
-@pytest.mark.parametrize("chunk", [16, 64, 128])
-def test_every_request_equals_generate_alone(tiny, tiny_reference, chunk, prefix_caching):
+@pytest.mark.parametrize(("chunk", "pack"), [(16, None), (64, 64), (128, 0)])
+def test_every_request_equals_generate_alone(tiny, tiny_reference, chunk, pack, prefix_caching):
+    """pack: the default (decodes beside chunks of up to 16 tokens in one forward), every chunk, or never."""
     requests, expected = tiny_reference
+    packing = {} if pack is None else {"pack_chunks_up_to": pack}
     # 4 slots; requests of up to 10 pages of 8 tokens, 13 pages in all: running requests outgrow the pool.
     engine = jaxinfer.Engine(tiny, max_slots=4, num_pages=14, max_tokens_per_step=128, page_size=8,
-                             prefix_caching=prefix_caching, prefill_chunk=chunk, poison_new_pages=True)
+                             prefix_caching=prefix_caching, prefill_chunk=chunk, poison_new_pages=True, **packing)
     tokens, _ = run(engine, requests)
     for i, (got, want) in enumerate(zip(tokens, expected)):
         assert got == want, f"request {i} (prompt {len(requests[i][1])} tokens)"
     m = engine.metrics()
+    assert (m["packed_calls"] > 0) == (pack != 0), m["packed_calls"]
     assert m["preemptions"] > 0, "the pool was meant to force preemptions"
     assert (m["prefix_cache_hit_tokens"] > 0) == prefix_caching
     check_drained(engine)
@@ -228,6 +231,7 @@ def bad_input_engine(tiny):
         ({"prefill_chunk": 600, "max_tokens_per_step": 512}, "prefill_chunk=600"),
         ({"max_model_len": 4096}, "max_model_len=4096"),
         ({"prefix_caching": "yes"}, "prefix_caching='yes'"),
+        ({"pack_chunks_up_to": -1}, "pack_chunks_up_to=-1"),
     ],
 )
 def test_bad_engine_settings_are_named(tiny, kwargs, message):

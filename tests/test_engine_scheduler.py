@@ -284,24 +284,37 @@ def test_batch_packs_one_token_chunks_into_a_decode_bucket_and_pads_prefill_chun
     assert split(out) == [(0, 1), (1, 1), (2, 1), (3, 18)]
     built = batch.build(out, max_slots=8, pages_per_seq=32, buckets=batch.prefill_buckets(20))
     assert batch.prefill_buckets(20) == (16, 20) and batch.decode_buckets(8) == (1, 2, 4, 8)
-    decode, prefill = built.calls
-    assert decode.shape == (4, 1) and prefill.shape == (1, 20)
+    assert [c.shape for c in built.calls] == [((4, 1),), ((1, 20),)]  # no pair compiled: two calls
+    (decode,), (prefill,) = (c.groups for c in built.calls)
     assert decode.seq_ids.tolist() == [0, 1, 2, 0] and decode.positions[:, 0].tolist() == [4, 4, 4, -1]
     assert decode.request_ids == [0, 1, 2, None] and decode.output_index.tolist() == [1, 1, 1, 0]
     assert prefill.seq_ids.tolist() == [3] and prefill.positions[0].tolist() == list(range(18)) + [-1, -1]
     assert built.num_tokens == 21 and built.num_padded_tokens == 1 + 2
     assert built.page_table[3, :6].tolist() == s.requests[3].pages + [0] and built.lengths.tolist()[:4] == [4, 4, 4, 0]
+    # Where the pair was compiled, the decode group and the chunk share one call (one forward), decodes first.
+    packed = batch.build(out, max_slots=8, pages_per_seq=32, buckets=batch.prefill_buckets(20),
+                         packed=frozenset({((4, 1), (1, 20))}))
+    assert [c.shape for c in packed.calls] == [((4, 1), (1, 20))]
+    assert packed.calls[0].request_ids == [0, 1, 2, None, 3] and packed.num_padded_tokens == built.num_padded_tokens
+    other_pair = batch.build(out, max_slots=8, pages_per_seq=32, buckets=batch.prefill_buckets(20),
+                             packed=frozenset({((8, 1), (1, 20)), ((4, 1), (1, 16))}))
+    assert [c.shape for c in other_pair.calls] == [((4, 1),), ((1, 20),)]
 
 
 def test_warm_up_for_prompt_lengths_covers_their_chunks_and_decode_rows():
     from jaxinfer.engine import batch
 
-    def shapes(lengths, max_slots=8, chunk=64):
-        return [c.shape for c in batch.warm_up_calls(max_slots, batch.prefill_buckets(chunk), lengths)]
+    def shapes(lengths, max_slots=8, chunk=64, pack=0):
+        calls = batch.warm_up_calls(max_slots, batch.prefill_buckets(chunk), lengths, pack_chunks_up_to=pack)
+        assert all(len(c.groups) == 1 for c in calls) or lengths is None
+        return [c.shape[0] if len(c.groups) == 1 else c.shape for c in calls]
 
     assert batch.prefill_buckets(64) == (16, 32, 64)
     every = [(1, 1), (2, 1), (4, 1), (8, 1), (1, 16), (1, 32), (1, 64)]
     assert shapes(None) == every
+    # Packing chunks of up to 32 tokens: every decode bucket beside each of the prefill buckets 16 and 32.
+    pairs = [((b, 1), (1, t)) for t in (16, 32) for b in (1, 2, 4, 8)]
+    assert shapes(None, pack=32) == every + pairs and shapes([150, 5, 1], pack=32) == shapes([150, 5, 1])
     # 150 = 64 + 64 + 22: buckets 64 and 32; 3 prompts decode in a batch of up to 4 rows.
     assert shapes([150, 5, 1]) == [(1, 1), (2, 1), (4, 1), (1, 16), (1, 32), (1, 64)]
     # A last chunk of one token goes into the decode call (65 = 64 + 1); no prompt: decode alone.

@@ -113,10 +113,15 @@ class Engine:
         poison_new_pages: bool = False,
         check_invariants: bool = True,
         warm_up: bool = True,
+        pack_chunks_up_to: int = batch_lib.PACK_CHUNKS_UP_TO,
     ):
         """warm_up: compile every step program now (a server's choice: no request ever waits for a compile);
         False compiles each on first use, or when `warm_up(prompt_lengths)` is called (a one-shot command's: it
-        pays only for the shapes it meets, before its first token)."""
+        pays only for the shapes it meets, before its first token).
+
+        pack_chunks_up_to: a step's decodes and a prompt chunk of up to this many tokens run as one forward (one
+        read of the weights) once the full warm-up has compiled that pair of shapes (one program per decode
+        bucket and prefill bucket up to it); 0: never, each is its own call."""
         cfg = model.cfg
         max_slots = check_count("max_slots", max_slots, 4096)
         max_tokens_per_step = check_count("max_tokens_per_step", max_tokens_per_step)
@@ -125,6 +130,9 @@ class Engine:
         prefill_chunk = check_count("prefill_chunk", prefill_chunk, max_tokens_per_step)
         max_model_len = cfg.max_position_embeddings if max_model_len is None else max_model_len
         max_model_len = check_count("max_model_len", max_model_len, cfg.max_position_embeddings)
+        if not (isinstance(pack_chunks_up_to, int) and not isinstance(pack_chunks_up_to, bool)
+                and pack_chunks_up_to >= 0):
+            raise ParameterError("pack_chunks_up_to", "must be an int >= 0", value=pack_chunks_up_to)
         if not isinstance(prefix_caching, bool):
             raise ParameterError("prefix_caching", "must be True or False", value=prefix_caching)
         pages_per_seq = -(-max_model_len // page_size)
@@ -149,7 +157,7 @@ class Engine:
         self.runner = Runner(
             model, max_slots=max_slots, num_pages=num_pages, page_size=page_size, pages_per_seq=pages_per_seq,
             buckets=self.buckets, stop_width=STOP_WIDTH, attention_backend=attention_backend,
-            poison_new_pages=poison_new_pages,
+            poison_new_pages=poison_new_pages, pack_chunks_up_to=pack_chunks_up_to,
         )
         if warm_up:
             self.warm_up()
@@ -163,6 +171,7 @@ class Engine:
         self._steps = 0
         self._padded_tokens = 0
         self._computed_tokens = 0
+        self._packed_calls = 0
 
     def warm_up(self, prompt_lengths=None) -> float:
         """Compile step programs now -> seconds spent: every shape (None), or those that prompts of these lengths
@@ -279,12 +288,14 @@ class Engine:
         if not out.chunks:
             return outputs
         step_input = batch_lib.build(
-            out, max_slots=self.max_slots, pages_per_seq=self.runner.cache.pages_per_seq, buckets=self.buckets
+            out, max_slots=self.max_slots, pages_per_seq=self.runner.cache.pages_per_seq, buckets=self.buckets,
+            packed=self.runner.packed_shapes,
         )
         result = self.runner.run(step_input)
         self._steps += 1
         self._padded_tokens += step_input.num_padded_tokens
         self._computed_tokens += step_input.num_tokens
+        self._packed_calls += sum(len(call.groups) > 1 for call in step_input.calls)
         now = time.perf_counter()
         for request in self.scheduler.update(out, result):
             outputs.append(self._output(request, now))
@@ -366,6 +377,7 @@ class Engine:
             "computed_tokens": self._computed_tokens,
             "padded_tokens": self._padded_tokens,
             "padded_tokens_per_step": self._padded_tokens / self._steps if self._steps else 0.0,
+            "packed_calls": self._packed_calls,  # decodes and a chunk in one forward (pack_chunks_up_to)
             "ttft_seconds": self._ttft.snapshot(),
             "inter_token_latency_seconds": self._itl.snapshot(),
         }

@@ -56,13 +56,14 @@ class Runner:
     def __init__(
         self, model, *, max_slots: int, num_pages: int, page_size: int, pages_per_seq: int,
         buckets: tuple[int, ...], stop_width: int, attention_backend: str | None = None,
-        poison_new_pages: bool = False,
+        poison_new_pages: bool = False, pack_chunks_up_to: int = 0,
     ):
         self.params, self.cfg = model.params, model.cfg
         self.runtime = Runtime(attention_backend=attention_backend, mesh=model.mesh)
         self.max_slots, self.buckets, self.stop_width = max_slots, buckets, stop_width
         self.num_pages = num_pages
         self.poison_new_pages = poison_new_pages
+        self.pack_chunks_up_to = pack_chunks_up_to
         sizes = {"num_pages": num_pages, "page_size": page_size, "max_seqs": max_slots, "pages_per_seq": pages_per_seq}
         if model.mesh is None:
             self.cache = kv_cache.init_cache(self.cfg, **sizes)
@@ -77,18 +78,22 @@ class Runner:
         self._compiles = _CompileCounter()
         self.compilations_after_warm_up = 0
         self.warm_up_seconds = None
+        self.packed_shapes = frozenset()  # the decode-beside-a-chunk call shapes compiled (batch.build's `packed`)
 
     def close(self):
         self._compiles.close()
 
     def warm_up(self, prompt_lengths=None) -> None:
         """Compile the programs of a step: one all-padding call of each shape (writes nothing; every shape, or
-        those prompts of these lengths meet: batch.warm_up_calls), a slot write."""
+        those prompts of these lengths meet: batch.warm_up_calls), a slot write. The decode-beside-a-chunk pairs
+        compiled become packed_shapes, which batch.build then uses."""
         start = time.perf_counter()
         page_table = np.zeros((self.max_slots, self.cache.pages_per_seq), np.int32)
         lengths = np.zeros((self.max_slots,), np.int32)
-        for call in warm_up_calls(self.max_slots, self.buckets, prompt_lengths):
+        for call in warm_up_calls(self.max_slots, self.buckets, prompt_lengths, self.pack_chunks_up_to):
             tok, _ = self._dispatch(call, page_table, lengths)
+            if len(call.groups) > 1:
+                self.packed_shapes = self.packed_shapes | {call.shape}
         self._write_slot(SlotWrite(0, -1, _GREEDY, 0, (), ()))
         if self.poison_new_pages:
             self._poison([])
@@ -114,9 +119,9 @@ class Runner:
         return StepResult(sampled, frozenset(stopped))
 
     def _dispatch(self, call: Call, page_table: np.ndarray, lengths: np.ndarray):
+        rows = tuple(steps.StepRows(g.tokens, g.positions, g.seq_ids, g.sample, g.output_index) for g in call.groups)
         tok, stopped, self.cache, self.slots = steps.compute_and_sample(
-            self.params, self.cfg, self.cache, self.slots, page_table, lengths, call.tokens, call.positions,
-            call.seq_ids, call.sample, call.output_index, runtime=self.runtime,
+            self.params, self.cfg, self.cache, self.slots, page_table, lengths, rows, runtime=self.runtime,
         )
         return tok, stopped
 
