@@ -176,11 +176,14 @@ def victim(model, args) -> dict:
         return np.array(victim_times), window
 
     alone, _ = decode(False)
-    solo = (len(alone) - 1) / (alone[-1] - alone[0])
     beside, (start, end) = decode(True)
     assert end is not None and beside[-1] > end, "the victim ended before the attacker's prefill: raise --victim-len"
-    during = beside[(beside >= start) & (beside <= end)]
+    during = np.flatnonzero((beside >= start) & (beside <= end))  # the victim's tokens while the prompt prefilled
     rate = len(during) / (end - start)
+    # Alone over the same tokens of its output (a decode slows as its context grows: the whole run's rate would
+    # flatter the ratio when the prefill covers only its early tokens).
+    first, last = max(during[0] - 1, 0), during[-1]
+    solo = (last - first) / (alone[last] - alone[first])
     return {"victim_solo_tok_s": solo, "victim_tok_s_during_prefill": rate, "ratio": rate / solo,
             "attacker_ttft_s": end - start, "attacker_len": args.attacker_len, "engine": engine_counters(engine)}
 
