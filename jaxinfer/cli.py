@@ -110,6 +110,15 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None)
     sampling_args(c)
 
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs: pip install -e '.[serve]')")
+    model_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1: this machine only")
+    s.add_argument("--port", type=_int_in(0, 65535), default=8000)
+    s.add_argument("--served-model-name", default=None, help="the API's model name (default: --model)")
+    s.add_argument("--max-slots", type=_int_in(1, 4096), default=16, help="requests decoding at once")
+    s.add_argument("--max-tokens-per-step", type=_int_in(1, INT32_MAX), default=512)
+    s.add_argument("--context", type=_int_in(2, INT32_MAX), help="cap the context below the model's (tokens)")
+
     v = sub.add_parser("convert", help="convert a checkpoint to orbax (+ config and tokenizer)")
     v.add_argument("src")
     v.add_argument("dst")
@@ -434,6 +443,26 @@ def _chat_turn(engine, history: ChatHistory, line: str, defaults: Defaults, cont
     history.add_turn(line, "".join(row.text))  # a reply stopped by Ctrl-C stays, as far as it went
 
 
+def cmd_serve(args) -> int:
+    try:
+        import uvicorn
+
+        from jaxinfer.server.app import create_app
+    except ImportError as e:
+        raise UsageError(f"jaxinfer serve needs the serve extra ({e.name} is missing): "
+                         "python3 -m pip install -e '.[serve]'") from None
+    checkpoint, cfg = _open(args)
+    model = _load(args, checkpoint, cfg, _context(args, cfg))
+    t0 = time.perf_counter()
+    engine = jaxinfer.AsyncEngine(model, max_slots=args.max_slots, max_tokens_per_step=args.max_tokens_per_step)
+    print(f"[compiled in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+    try:
+        uvicorn.run(create_app(engine, args.served_model_name or args.model), host=args.host, port=args.port)
+    finally:
+        engine.close()
+    return EXIT_OK
+
+
 def cmd_convert(args) -> int:
     from jaxinfer.convert import convert
 
@@ -486,7 +515,7 @@ def cmd_roofline(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "info": cmd_info,
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "convert": cmd_convert, "info": cmd_info,
             "roofline": cmd_roofline}
 
 

@@ -108,8 +108,12 @@ def test_hf_checkpoints_equal_generate_alone(hf_checkpoint, family):
     path, _ = hf_checkpoint(family)
     model = jaxinfer.load_model(path)
     requests = workload(model.cfg.vocab_size, n=10, seed=1)
-    engine = jaxinfer.Engine(model, max_slots=3, num_pages=20, max_tokens_per_step=64, page_size=8,
-                             prefill_chunk=16, poison_new_pages=True)
+    check_equal_generate_alone(model, requests, max_slots=3, num_pages=20, prefill_chunk=16)
+
+
+def check_equal_generate_alone(model, requests, **engine_settings):
+    """Every request's tokens through an engine with poisoned pages equal generate alone; the prefix cache hit."""
+    engine = jaxinfer.Engine(model, max_tokens_per_step=64, page_size=8, poison_new_pages=True, **engine_settings)
     tokens, _ = run(engine, requests)
     assert tokens == reference(model, requests)
     assert engine.metrics()["prefix_cache_hit_tokens"] > 0
@@ -124,12 +128,7 @@ def test_default_model_equals_generate_alone():
                  "How many legs has a spider?", "What is 2 + 2?", "Say hello."]
     requests = [(i, system + model.tokenizer.encode(q, add_special_tokens=False), GREEDY if i % 2 else SAMPLED,
                  i, 10) for i, q in enumerate(questions)]
-    engine = jaxinfer.Engine(model, max_slots=4, num_pages=24, max_tokens_per_step=64, page_size=8,
-                             prefill_chunk=32, poison_new_pages=True)
-    tokens, _ = run(engine, requests)
-    assert tokens == reference(model, requests)
-    assert engine.metrics()["prefix_cache_hit_tokens"] > 0
-    check_drained(engine)
+    check_equal_generate_alone(model, requests, max_slots=4, num_pages=24, prefill_chunk=32)
 
 
 def test_no_compilation_after_warm_up_across_100_mixed_requests(tiny, compilations):

@@ -108,6 +108,7 @@ def test_bench_serving_reports_engine_static_and_prefix_caching(capsys, tmp_path
     assert runs["engine prefix off"]["engine"]["prefix_cache_hit_tokens"] == 0
     assert all(r["output_tokens"] == 6 * 4 for r in runs.values())
     assert runs["engine prefix on"]["engine"]["compilations_after_warm_up"] == 0
+    assert runs["static batching"]["compilations_in_timed_pass"] == 0  # the short compile pass covered it
     # The saved schedule replays: the same requests, arrivals and all.
     saved = json.loads(schedule.read_text())["requests"]
     assert len(saved) == 6 and saved[0]["arrival"] > 0

@@ -80,6 +80,11 @@ class AsyncEngine:
         self._streams.pop(request_id, None)
         self._command(("abort", request_id))
 
+    @property
+    def dead(self) -> bool:
+        """Closed, or its step loop stopped on an error: new requests are refused."""
+        return self._closed or self._error is not None
+
     def metrics(self) -> dict:
         with self._lock:
             return self.engine.metrics()

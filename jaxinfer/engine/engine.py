@@ -194,6 +194,14 @@ class Engine:
         self._queue(request)
         return request.request_id
 
+    def check_request(
+        self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 64, stop=None, seed: int = 0,
+        priority: int = 0,
+    ) -> None:
+        """What add_request checks, queueing nothing: a ParameterError naming the bad argument (a front end checks
+        every part of a request before it queues any)."""
+        self._check_request(prompt, sampling, max_new_tokens, stop, seed, priority)
+
     def _check_request(self, prompt, sampling, max_new_tokens, stop, seed, priority) -> Request:
         cfg = self.model.cfg
         if sampling is None:
