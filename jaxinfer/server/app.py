@@ -38,6 +38,14 @@ def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         kind = "invalid_request_error" if e.status < 500 else "server_error"
         return JSONResponse(protocol.error_body(e.message, kind, e.param, e.code), status_code=e.status)
 
+    @app.exception_handler(ParameterError)
+    async def _parameter_error(request: Request, e: ParameterError):  # a check below the protocol's own
+        return JSONResponse(protocol.error_body(str(e), "invalid_request_error", e.param), status_code=400)
+
+    @app.exception_handler(EngineDeadError)
+    async def _engine_dead(request: Request, e: EngineDeadError):
+        return JSONResponse(protocol.error_body(str(e), "server_error"), status_code=503)
+
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, e: HTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
