@@ -282,7 +282,7 @@ def attention_block(layer, cfg, x, inv_freq, k_pages, v_pages, groups, write_to,
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
     # Every group's K/V in one scatter, before any group attends: a write between two groups' reads of the pool
-    # made XLA copy the pool (both layers' worth) rather than update it in place.
+    # made XLA copy the whole pool (every layer's pages) in each layer rather than update it in place.
     k_pages, v_pages = kv_cache.write_at(k_pages, v_pages, k, v, *write_to, index)
     outs = [
         attn.attention(
@@ -366,7 +366,7 @@ def forward_rows(
     layer_args = dict(groups=groups, write_to=write_to, inv_freq=rope_inv_freq(cfg), backend=runtime.attention_backend,
                       tp_axis=tp_axis)
     with jax.named_scope("embed"):
-        x = _join_tokens([embed_lookup(params.embed, r.tokens, tp_axis) for r in rows])  # [1, N, D]
+        x = embed_lookup(params.embed, _join_tokens([r.tokens for r in rows]), tp_axis)  # [1, N, D]
     k_pages, v_pages = cache.k_pages, cache.v_pages  # [L, K, P, page_size, H]
     if isinstance(params.layers, tuple):
         for i, layer in enumerate(params.layers):

@@ -138,17 +138,14 @@ def build(out: SchedulerOutput, *, max_slots: int, pages_per_seq: int, buckets: 
             group = _empty_group(1, _bucket(buckets, len(chunk.token_ids)))
             _put(group, 0, chunk)
             chunks.append(group)
-    calls = [Call([c]) for c in chunks]
-    if singles:
+    calls = []
+    if singles:  # first, with the first chunk whose pair with it was compiled, if any
         decode = _empty_group(_bucket(decode_buckets(max_slots), len(singles)), 1)
         for row, chunk in enumerate(singles):
             _put(decode, row, chunk)
         beside = next((i for i, c in enumerate(chunks) if (decode.shape, c.shape) in packed), None)
-        if beside is None:
-            calls.insert(0, Call([decode]))
-        else:
-            calls[beside] = Call([decode, chunks[beside]])
-            calls.insert(0, calls.pop(beside))
+        calls.append(Call([decode] if beside is None else [decode, chunks.pop(beside)]))
+    calls += [Call([c]) for c in chunks]
     num_tokens = out.num_tokens
     padded = sum(g.tokens.size for c in calls for g in c.groups) - num_tokens
     return StepInput(page_table, lengths, calls, out.slot_writes, out.new_pages, num_tokens, padded)

@@ -130,8 +130,7 @@ class Engine:
         prefill_chunk = check_count("prefill_chunk", prefill_chunk, max_tokens_per_step)
         max_model_len = cfg.max_position_embeddings if max_model_len is None else max_model_len
         max_model_len = check_count("max_model_len", max_model_len, cfg.max_position_embeddings)
-        if not (isinstance(pack_chunks_up_to, int) and not isinstance(pack_chunks_up_to, bool)
-                and pack_chunks_up_to >= 0):
+        if not (is_int(pack_chunks_up_to) and pack_chunks_up_to >= 0):
             raise ParameterError("pack_chunks_up_to", "must be an int >= 0", value=pack_chunks_up_to)
         if not isinstance(prefix_caching, bool):
             raise ParameterError("prefix_caching", "must be True or False", value=prefix_caching)

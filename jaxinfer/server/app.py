@@ -31,7 +31,6 @@ def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
     app = FastAPI(title="jaxinfer", docs_url=None, redoc_url=None)
     tokenizer = engine.engine.tokenizer
     max_model_len = engine.engine.max_model_len
-    vocab_size = engine.engine.model.cfg.vocab_size
 
     @app.exception_handler(ProtocolError)
     async def _protocol_error(request: Request, e: ProtocolError):
@@ -70,7 +69,7 @@ def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await _body(request, model_name)
-        parsed = protocol.parse_completion(body, vocab_size)
+        parsed = protocol.parse_completion(body)
         prompts = [_prompt_ids(c.prompt, tokenizer) for c in parsed.choices]
         return await _respond(engine, parsed, prompts, parsed.max_tokens, model_name, chat=False)
 

@@ -136,7 +136,7 @@ def _common(body: dict, prompts: list, max_tokens_default: int | None) -> Parsed
     return ParsedRequest(choices, sampling, max_tokens, _stop(body), stream, include_usage, param)
 
 
-def parse_completion(body: dict, vocab_size: int) -> ParsedRequest:
+def parse_completion(body: dict) -> ParsedRequest:
     """POST /v1/completions: prompt a string, an array of strings, an array of token ids or an array of those."""
     prompt = body.get("prompt")
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt)):
@@ -149,11 +149,9 @@ def parse_completion(body: dict, vocab_size: int) -> ParsedRequest:
     else:
         raise ProtocolError("prompt", "prompt must be a non-empty string, array of strings, array of token ids or "
                                       "array of such arrays")
-    for i, p in enumerate(prompts):
+    for i, p in enumerate(prompts):  # token ids in the vocabulary: the engine's own check (a 400 naming prompt)
         if len(p) == 0:
             raise ProtocolError("prompt", f"prompt[{i}] is empty" if len(prompts) > 1 else "prompt is empty")
-        if isinstance(p, list) and not all(0 <= t < vocab_size for t in p):
-            raise ProtocolError("prompt", f"prompt token ids must be in [0, {vocab_size})")
     return _common(body, prompts, COMPLETIONS_DEFAULT_MAX_TOKENS)
 
 
