@@ -301,7 +301,7 @@ def _prefill_batch(model_, request: _Request) -> _PrefilledBatch:
     seq_ids = jnp.arange(B, dtype=jnp.int32)
     logits, cache = _prefill_chunks(model_, tokens, positions, cache, seq_ids, request.chunk, request.runtime)
 
-    stops = [sorted(set(cfg.eos_token_ids) | set(p.stop_token_ids)) for p in request.sampling]
+    stops = [sorted(p.stop_ids(cfg.eos_token_ids)) for p in request.sampling]
     stop_ids = np.full((B, bucket(max(map(len, stops), default=1), MIN_STOP_IDS_BUCKET)), -1, np.int32)
     for i, ids in enumerate(stops):
         stop_ids[i, : len(ids)] = ids

@@ -32,6 +32,7 @@ class SamplingParams:
     min_p: float = 0.0  # 0 = off
     repetition_penalty: float = 1.0  # 1 = off
     stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False  # decode past the model's EOS ids (vLLM's; benchmarks run outputs their full length)
 
     def __post_init__(self):
         # Normalize to plain Python scalars so equal settings hash and compare equal (np.float32(0.5) == 0.5 etc.).
@@ -65,6 +66,12 @@ class SamplingParams:
                     "stop_token_ids", f"must be non-negative int32 token ids (bad: {token_id!r})", value=stop_token_ids
                 )
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in stop_token_ids))
+        if not isinstance(self.ignore_eos, bool):
+            raise ParameterError("ignore_eos", "must be True or False", value=self.ignore_eos)
+
+    def stop_ids(self, eos_token_ids) -> frozenset[int]:
+        """The token ids that end this request: the model's EOS ids (unless ignore_eos) and stop_token_ids."""
+        return frozenset(self.stop_token_ids) | frozenset(() if self.ignore_eos else eos_token_ids)
 
     @property
     def greedy(self) -> bool:

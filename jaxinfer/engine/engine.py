@@ -226,7 +226,7 @@ class Engine:
                 "prompt", f"length {len(ids)} + max_new_tokens={max_new_tokens} needs {pages} pages of "
                 f"{self.page_size} tokens, more than the whole page pool ({usable} pages, num_pages={usable + 1})",
             )
-        stop_ids = frozenset(cfg.eos_token_ids) | frozenset(sampling.stop_token_ids)
+        stop_ids = sampling.stop_ids(cfg.eos_token_ids)
         if len(stop_ids) > STOP_WIDTH:
             raise ParameterError(
                 "sampling", f"has {len(stop_ids)} stop token ids with the model's EOS ids; at most {STOP_WIDTH}"

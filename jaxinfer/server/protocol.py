@@ -113,6 +113,7 @@ def _sampling(body: dict) -> SamplingParams:
         top_k=max(_integer(body, "top_k", 0, -1, INT32_MAX), 0),  # -1 or 0: off (vLLM's -1, our 0)
         min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
         repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 100.0, lo_open=True),
+        ignore_eos=_get(body, "ignore_eos", bool, False, what="a boolean"),  # vLLM's extension
     )
 
 
