@@ -31,6 +31,7 @@ _EXPORTS = {
     "Runtime": "jaxinfer.runtime",
     "SamplingParams": "jaxinfer.sampling_params",
     "StreamChunk": "jaxinfer.generate",
+    "TokenLogprobs": "jaxinfer.engine.request",
     "compilation_cache_dir": "jaxinfer.compilation_cache",
     "generate": "jaxinfer.generate",
     "generate_stream": "jaxinfer.generate",

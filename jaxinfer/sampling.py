@@ -148,6 +148,37 @@ def sample(
     return jax.lax.cond(jnp.all(is_greedy), lambda: greedy_tokens, sampled)
 
 
+def logprobs(
+    logits: jax.Array, tokens: jax.Array, k: int, vocab_axis: str | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """log_softmax of the raw logits [B, V] (before temperature, penalties and filters: what vLLM reports) ->
+    (token_logprob [B] f32 of tokens [B], top_ids [B, k] int32, top_logprobs [B, k] f32 descending; ties: the lower
+    id first, lax.top_k's order). k (static) <= V.
+
+    vocab_axis: inside shard_map, logits are this device's [B, V / tp] columns: the normalizer takes a pmax and a
+    psum on [B], the top-k a local top-k whose tp * k candidates are all-gathered and cut to k again (never [B, V]).
+    """
+    logits = logits.astype(jnp.float32)
+    if vocab_axis is None:
+        logp = jax.nn.log_softmax(logits, axis=-1)  # [B, V]
+        top_logprobs, top_ids = jax.lax.top_k(logp, k)  # [B, k] each
+        return jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0], top_ids, top_logprobs
+    local_vocab = logits.shape[-1]
+    offset = jax.lax.axis_index(vocab_axis) * local_vocab  # this shard's first vocabulary id
+    shifted = logits - jax.lax.pmax(jnp.max(logits, axis=-1, keepdims=True), vocab_axis)  # [B, V / tp]
+    logp = shifted - jnp.log(jax.lax.psum(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True), vocab_axis))
+    local = tokens - offset  # [B]: the token's column here, if this shard holds it
+    held = (local >= 0) & (local < local_vocab)  # [B]
+    mine = jnp.take_along_axis(logp, jnp.clip(local, 0, local_vocab - 1)[:, None], axis=-1)[:, 0]  # [B]
+    token_logprob = jax.lax.psum(jnp.where(held, mine, 0.0), vocab_axis)  # [B]
+    values, ids = jax.lax.top_k(logp, min(k, local_vocab))  # [B, k'] each
+    # Shard after shard in id order: among equal candidates the lower id still comes first.
+    values = jax.lax.all_gather(values, vocab_axis, axis=1, tiled=True)  # [B, tp * k']
+    ids = jax.lax.all_gather(ids + offset, vocab_axis, axis=1, tiled=True)  # [B, tp * k']
+    top_logprobs, where = jax.lax.top_k(values, k)  # [B, k] each
+    return token_logprob, jnp.take_along_axis(ids, where, axis=-1), top_logprobs
+
+
 def seed_key(seed: int) -> jax.Array:
     """The typed threefry key of a seed in [0, 2**64): all 64 bits count, with or without jax_enable_x64
     (jax.random.key keeps only the low 32 without it, so seed 2**32 would silently equal seed 0)."""

@@ -271,6 +271,21 @@ def sample(logits, arrays, keys, seen, *, mesh: Mesh | None = None):
     )(logits, arrays, keys, seen)
 
 
+def logprobs(logits, tokens, k: int, *, mesh: Mesh | None = None):
+    """sampling.logprobs on vocab-split logits [B, V] and tokens [B]: (token_logprob [B], top_ids [B, k],
+    top_logprobs [B, k]), the same on every device."""
+    if mesh is None:
+        return sampling_lib.logprobs(logits, tokens, k)
+    return jax.shard_map(
+        functools.partial(sampling_lib.logprobs, k=k, vocab_axis=_collective_axis(mesh)),
+        mesh=mesh,
+        in_specs=(P(None, TP), P()),
+        out_specs=(P(), P(), P()),
+        # psum'd and all-gathered: equal on every device, which vma typing cannot see of the gathered top-k.
+        check_vma=False,
+    )(logits, tokens)
+
+
 def hlo_collectives(compiled_text: str) -> dict[str, int]:
     """Counts of each collective op in a compiled HLO module's text (tests and run_sharded.py)."""
     ops = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")

@@ -8,7 +8,8 @@
     write_row        one row's settings (sampling, keys, stops, limit) into a slot of RowSettings
 
 The engine's (jaxinfer/engine/runner.py), over slots that requests come to and go from:
-    compute_and_sample  rows of different requests each compute a chunk; rows that end theirs sample by slot
+    compute_and_sample  rows of different requests each compute a chunk; rows that end theirs sample by slot (and,
+                        when the call wants them, report the logprobs of the token and its top alternatives)
     write_slot          a newly admitted request's sampling settings, key and seen tokens into its slot
     poison_pages        NaN into pages (a test mode: a reused page must never expose what it held)
 
@@ -31,6 +32,8 @@ from jaxinfer.runtime import DEFAULT as DEFAULT_RUNTIME
 from jaxinfer.runtime import Runtime
 
 _STATIC = ("cfg", "runtime")
+
+MAX_LOGPROBS = 20  # top alternatives compute_and_sample reports per sampled token (OpenAI's top_logprobs maximum)
 
 
 def _prefill(params, cfg, tokens, positions, cache, seq_ids, logits, *, runtime: Runtime = DEFAULT_RUNTIME):
@@ -228,7 +231,7 @@ class StepRows:
 
 
 def _compute_and_sample(
-    params, cfg, cache, slots: SlotRows, page_table, lengths, rows: tuple[StepRows, ...],
+    params, cfg, cache, slots: SlotRows, page_table, lengths, rows: tuple[StepRows, ...], want_logprobs,
     *, runtime: Runtime = DEFAULT_RUNTIME,
 ):
     """Each row computes a chunk of one request's tokens; rows whose chunk ends the request's tokens sample its
@@ -236,8 +239,9 @@ def _compute_and_sample(
 
     page_table [S, pages_per_seq] and lengths [S] are the host's (tokens already cached per slot; a host-owned
     copy, so preemption and prefix hits need no device bookkeeping); rows: groups of different shapes (decode rows
-    [B, 1] beside a chunk [1, T]) computed in one forward -> (tokens [R] int32, stopped [R] bool, cache, slots),
-    R the rows of all groups in order."""
+    [B, 1] beside a chunk [1, T]) computed in one forward; want_logprobs [] bool (traced: one program either way)
+    -> (tokens [R] int32, stopped [R] bool, logprobs, cache, slots), R the rows of all groups in order, logprobs
+    (token_logprob [R] f32, top_ids [R, K] int32, top_logprobs [R, K] f32) as `_logprobs` gives them."""
     cache = dataclasses.replace(cache, page_table=page_table, lengths=lengths)
     groups = tuple(model.Rows(r.tokens, r.positions, r.seq_ids) for r in rows)
     hidden, cache = sharding.forward_rows(params, cfg, groups, cache, runtime=runtime)
@@ -254,7 +258,20 @@ def _compute_and_sample(
     stopped = sample & jnp.any(tok[:, None] == slots.stop_ids[seq_ids], axis=1)  # [R]
     seen_rows = jnp.where(sample, seq_ids, slots.seen.shape[0])  # [R]: rows that do not sample write out of bounds
     seen = slots.seen.at[seen_rows, tok].set(True, mode="drop")
-    return tok, stopped, cache, dataclasses.replace(slots, seen=seen)
+    logprobs = _logprobs(logits, tok, want_logprobs, runtime.mesh)
+    return tok, stopped, logprobs, cache, dataclasses.replace(slots, seen=seen)
+
+
+def _logprobs(logits, tok, want, mesh):
+    """logits [R, V] (raw, vocab-split on a mesh), tok [R] -> (token_logprob [R] f32, top_ids [R, K] int32,
+    top_logprobs [R, K] f32 descending), K = min(MAX_LOGPROBS, V), from log_softmax of the raw logits when want
+    ([] bool) holds, else zeros: a step that wants none runs no softmax or top-k over the vocabulary."""
+    R, K = tok.shape[0], min(MAX_LOGPROBS, logits.shape[-1])
+
+    def none():
+        return jnp.zeros((R,), jnp.float32), jnp.zeros((R, K), jnp.int32), jnp.zeros((R, K), jnp.float32)
+
+    return jax.lax.cond(want, lambda: sharding.logprobs(logits, tok, K, mesh=mesh), none)
 
 
 def _write_slot(slots: SlotRows, slot, sampling: sampling_lib.SamplingArrays, seed_words, stop_ids, seen) -> SlotRows:

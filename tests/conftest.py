@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import tempfile
 
@@ -33,6 +35,9 @@ TOLERANCE = {
     "hf_default_model": {"float32": 1e-3},
     # Sampling filters and penalties against transformers' logits processors (rtol only, atol 0).
     "sampling": {"float32": 1e-6},
+    # The engine's per-token logprobs against jax.nn.log_softmax of jaxinfer.score's logits: ours two ways, chunked
+    # differently, through a log_softmax.
+    "logprobs": {"float32": 1e-4},
 }
 
 # Tiny configs of each supported family; each exercises one feature the others do not.
@@ -105,6 +110,25 @@ def hf_checkpoint(tmp_path_factory):
 def random_prompts(vocab_size: int, lengths, seed: int = 0) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [rng.integers(3, vocab_size, size=n).tolist() for n in lengths]
+
+
+def check_logprobs_match_score(model, prompt: list[int], tokens: list[int], logprobs) -> None:
+    """An engine's TokenLogprobs, one per output token, against jax.nn.log_softmax of jaxinfer.score(prompt +
+    tokens[:-1]) at each position that predicted an output token: the token's logprob, and the top alternatives (as
+    many as asked, the most likely first, each id's own logprob: near-ties may swap places, never values)."""
+    import jax
+
+    import jaxinfer
+
+    assert [lp.token_id for lp in logprobs] == tokens
+    want = np.asarray(jax.nn.log_softmax(jaxinfer.score(model, prompt + tokens[:-1]), axis=-1))[len(prompt) - 1 :]
+    tol = TOLERANCE["logprobs"]["float32"]
+    for i, lp in enumerate(logprobs):
+        np.testing.assert_allclose(lp.logprob, want[i, lp.token_id], atol=tol, rtol=0, err_msg=f"token {i}")
+        ids, values = [t for t, _ in lp.top], [v for _, v in lp.top]
+        assert len(set(ids)) == len(ids), lp.top
+        np.testing.assert_allclose(values, np.sort(want[i])[::-1][: len(ids)], atol=tol, rtol=0, err_msg=f"top {i}")
+        np.testing.assert_allclose(values, want[i, ids], atol=tol, rtol=0, err_msg=f"top ids {i}")
 
 
 def lower_for_h100(fn, *args) -> str:
@@ -182,3 +206,30 @@ def _free_compiled_programs():
 
     jax.clear_caches()
     gc.collect()
+
+
+@contextlib.contextmanager
+def live_server(app):
+    """-> the base url of an ASGI `app` served by uvicorn on a free loopback port, on a thread, until the block
+    ends (the server tests', and the HTTP benchmark's)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -7,7 +7,7 @@ import contextlib
 
 import jax
 import pytest
-from conftest import random_prompts
+from conftest import check_logprobs_match_score, random_prompts
 
 import jaxinfer
 from jaxinfer import model as model_lib
@@ -49,6 +49,25 @@ def test_concurrent_streams_equal_generate_alone(tiny, engine):
         (want,) = jaxinfer.generate(tiny, [prompts[i]], max_new_tokens=10, sampling=sampling[i], seed=i)
         assert (tokens, reason) == (want.tokens, want.finish_reason)
     assert engine.metrics()["compilations_after_warm_up"] == 0
+
+
+def test_streams_deliver_each_tokens_logprobs(tiny, engine):
+    prompts = random_prompts(tiny.cfg.vocab_size, [7, 21], seed=5)
+    sampled = jaxinfer.SamplingParams(temperature=0.8)
+
+    async def one(prompt, logprobs):
+        outs = [out async for out in engine.stream(prompt, sampling=sampled, max_new_tokens=8, seed=1,
+                                                   logprobs=logprobs)]
+        return [t for o in outs for t in o.new_token_ids], [o.logprobs for o in outs]
+
+    async def main():
+        return await asyncio.gather(one(prompts[0], 3), one(prompts[1], None))
+
+    (tokens, logprobs), (_, none) = asyncio.run(main())
+    assert all(len(lp) == 1 and len(lp[0].top) == 3 for lp in logprobs) and all(lp is None for lp in none)
+    check_logprobs_match_score(tiny, prompts[0], tokens, [lp for (lp,) in logprobs])
+    with pytest.raises(ParameterError, match="logprobs"):
+        asyncio.run(one(prompts[0], -1))
 
 
 def test_cancelling_a_stream_aborts_its_request(tiny, engine):

@@ -202,6 +202,30 @@ def test_generate_loop_hlo_samples_without_gathering_weights(checkpoint):
     assert counts["reduce-scatter"] == counts["all-to-all"] == counts["collective-permute"] == 0
 
 
+@pytest.mark.parametrize("vocab,tp", [(256, 8), (64, 8), (256, 2)])
+def test_vocab_split_logprobs_equal_one_device_and_gather_only_each_shards_top_k(vocab, tp):
+    """The engine's logprobs on logits split over V: a pmax and a psum for the normalizer, each shard's top-k
+    (all of a 64-token vocabulary's 8 per shard: fewer than K=20) all-gathered, never the [B, V] row. Ties across
+    shards keep lax.top_k's order: the lower id first."""
+    B, K = 5, 20
+    rng = np.random.default_rng(vocab + tp)
+    logits = rng.normal(size=(B, vocab)).astype(np.float32)
+    logits[1, [3, vocab // 2 + 1, vocab - 1]] = logits[1].max() + 1.0  # a tie for the top, on different shards
+    tokens = rng.integers(0, vocab, B).astype(np.int32)
+    mesh = sharding.make_mesh(tp)
+    split = jax.device_put(logits, sharding.vocab_split(mesh))
+    fn = jax.jit(lambda x, t: sharding.logprobs(x, t, K, mesh=mesh))
+    token_logprob, top_ids, top_logprobs = map(np.asarray, fn(split, tokens))
+    want = np.asarray(jax.nn.log_softmax(logits, axis=-1))  # [B, V]
+    np.testing.assert_allclose(token_logprob, want[np.arange(B), tokens], atol=LOGITS_ATOL, rtol=0)
+    np.testing.assert_array_equal(top_ids, np.argsort(-want, axis=-1, kind="stable")[:, :K])
+    np.testing.assert_allclose(top_logprobs, np.take_along_axis(want, top_ids, axis=-1), atol=LOGITS_ATOL, rtol=0)
+    assert top_ids[1, :3].tolist() == [3, vocab // 2 + 1, vocab - 1]
+    gathers = _collective_lines(fn.lower(split, tokens).compile().as_text(), "all-gather")
+    width = tp * min(K, vocab // tp)
+    assert len(gathers) == 2 and all(f"[{B},{width}]" in line for line in gathers), gathers
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad degrees
 

@@ -7,8 +7,8 @@
 A request is checked on the caller's thread (a ParameterError raises at the call, nothing queued), then handed to
 the step thread, which owns the Engine: between steps it takes new requests and aborts, then runs a step and puts
 each output on its request's asyncio queue through the loop's call_soon_threadsafe, so a stream wakes on each
-token with no polling. Cancelling the consuming task (a client gone) aborts the request; so does `aclose()` on a
-stream left early (`async with contextlib.aclosing(engine.stream(...))`).
+token with no polling. A stream (RequestStream) left before its last output aborts its request: the consuming task
+cancelled (a client gone), `aclose()` or `abort()` called (before iteration too), or the stream dropped.
 """
 
 from __future__ import annotations
@@ -22,6 +22,46 @@ from jaxinfer.engine.engine import Engine, RequestOutput
 
 class EngineDeadError(RuntimeError):
     """The step loop stopped on an error; every stream gets it, and new requests are refused."""
+
+
+class RequestStream:
+    """One request's outputs as an async iterator (`async for out in stream`); the last has a finish_reason.
+    Left before that, it aborts its request: on `aclose()` or `abort()` (which work whether or not iteration has
+    begun), or when the iterating task is cancelled."""
+
+    def __init__(self, engine: AsyncEngine, request_id: int, outputs: asyncio.Queue):
+        self.engine, self.request_id, self._outputs = engine, request_id, outputs
+        self.finished = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        try:
+            out = await self._outputs.get()
+        except BaseException:  # cancelled while waiting: nobody will read the rest
+            self.abort()
+            raise
+        if isinstance(out, BaseException):
+            self.finished = True
+            raise EngineDeadError(f"the engine stopped: {out}") from out
+        if out.finish_reason is not None:
+            self.finished = True
+        return out
+
+    def abort(self) -> None:
+        """End the request now if it has not finished (from the stream's event loop)."""
+        if not self.finished:
+            self.finished = True
+            self.engine.abort(self.request_id)
+
+    async def aclose(self) -> None:
+        self.abort()
+
+    def __del__(self):
+        self.abort()
 
 
 class AsyncEngine:
@@ -44,31 +84,20 @@ class AsyncEngine:
 
     # -------------------------------------------------------------------------------- callers' side
 
-    def stream(self, prompt, sampling=None, max_new_tokens: int = 64, stop=None, seed: int = 0, priority: int = 0):
+    def stream(
+        self, prompt, sampling=None, max_new_tokens: int = 64, stop=None, seed: int = 0, priority: int = 0,
+        logprobs: int | None = None,
+    ):
         """Queue a request now (a bad one raises ParameterError here) -> an async iterator of its RequestOutputs as
-        they come; the last has a finish_reason. Call it inside a running event loop."""
-        request_id, outputs = self._submit(prompt, sampling, max_new_tokens, stop, seed, priority)
-        return self._outputs(request_id, outputs)
+        they come; the last has a finish_reason. Engine.add_request's arguments (logprobs: each token's, with that
+        many top alternatives). Call it inside a running event loop."""
+        request_id, outputs = self._submit(prompt, sampling, max_new_tokens, stop, seed, priority, logprobs)
+        return RequestStream(self, request_id, outputs)
 
-    async def _outputs(self, request_id: int, outputs: asyncio.Queue):
-        finished = False
-        try:
-            while True:
-                out = await outputs.get()
-                if isinstance(out, BaseException):
-                    raise EngineDeadError(f"the engine stopped: {out}") from out
-                yield out
-                if out.finish_reason is not None:
-                    finished = True
-                    return
-        finally:
-            if not finished:
-                self.abort(request_id)
-
-    def _submit(self, prompt, sampling, max_new_tokens, stop, seed, priority) -> tuple[int, asyncio.Queue]:
+    def _submit(self, prompt, sampling, max_new_tokens, stop, seed, priority, logprobs) -> tuple[int, asyncio.Queue]:
         if self._error is not None or self._closed:
             raise EngineDeadError("the engine is closed" if self._closed else f"the engine stopped: {self._error}")
-        request = self.engine._check_request(prompt, sampling, max_new_tokens, stop, seed, priority)
+        request = self.engine._check_request(prompt, sampling, max_new_tokens, stop, seed, priority, logprobs)
         self.engine._number(request)
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request.request_id] = (asyncio.get_running_loop(), outputs)
@@ -84,6 +113,11 @@ class AsyncEngine:
     def dead(self) -> bool:
         """Closed, or its step loop stopped on an error: new requests are refused."""
         return self._closed or self._error is not None
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests queued here and not yet finished or aborted (waiting or running): a front end's queue bound."""
+        return len(self._streams)
 
     def metrics(self) -> dict:
         with self._lock:

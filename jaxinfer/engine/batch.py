@@ -27,6 +27,7 @@ class Group:
     sample: np.ndarray  # [B] bool
     output_index: np.ndarray  # [B] int32
     request_ids: list[int | None]  # [B]: the request whose token a sampling row draws
+    logprobs: list[int | None]  # [B]: top alternatives that request asked to see with the token (None: no logprobs)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -45,6 +46,15 @@ class Call:
     @property
     def request_ids(self) -> list[int | None]:
         return [r for g in self.groups for r in g.request_ids]
+
+    @property
+    def logprobs(self) -> list[int | None]:
+        return [n for g in self.groups for n in g.logprobs]
+
+    @property
+    def want_logprobs(self) -> bool:
+        """Some row's request asked for logprobs: only then does the step compute and transfer them."""
+        return any(n is not None for n in self.logprobs)
 
 
 @dataclasses.dataclass
@@ -85,6 +95,7 @@ def _empty_group(batch: int, length: int) -> Group:
         sample=np.zeros((batch,), bool),
         output_index=np.zeros((batch,), np.int32),
         request_ids=[None] * batch,
+        logprobs=[None] * batch,
     )
 
 
@@ -159,3 +170,4 @@ def _put(group: Group, row: int, chunk) -> None:
     group.sample[row] = chunk.sample
     group.output_index[row] = chunk.output_index
     group.request_ids[row] = chunk.request_id if chunk.sample else None
+    group.logprobs[row] = chunk.logprobs if chunk.sample else None

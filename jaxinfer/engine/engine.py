@@ -3,13 +3,17 @@
     engine = jaxinfer.Engine(model, max_slots=16)
     rid = engine.add_request("Hello", sampling=jaxinfer.SamplingParams(temperature=0), max_new_tokens=64)
     while engine.has_unfinished():
-        for out in engine.step():     # RequestOutput: request_id, new_token_ids, text (delta), finish_reason
-            ...
+        for out in engine.step():     # RequestOutput: request_id, new_token_ids, text (delta), finish_reason,
+            ...                       # logprobs (with add_request(..., logprobs=n))
 
 Requests come and go between steps; each step schedules (scheduler.py), builds fixed-shape arrays (batch.py),
 runs the compiled programs (runner.py), then appends tokens, detokenizes and checks stop strings here. A request's
 tokens depend only on its own prompt, sampling settings and seed: they equal `jaxinfer.generate([prompt],
 seed=seed)`'s whatever runs beside it.
+
+add_request(..., logprobs=n) reports each output token's logprob and its n most likely alternatives (n in
+[0, MAX_LOGPROBS]) in RequestOutput.logprobs, from log_softmax of the raw logits (before temperature, penalties and
+filters); the device computes them only in the calls where some request asked.
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ import time
 from collections.abc import Sequence
 
 from jaxinfer.engine import batch as batch_lib
-from jaxinfer.engine.request import FinishReason, Request
-from jaxinfer.engine.runner import Runner
+from jaxinfer.engine.request import FinishReason, Request, TokenLogprobs
+from jaxinfer.engine.runner import MAX_LOGPROBS, Runner
 from jaxinfer.engine.scheduler import Scheduler
 from jaxinfer.errors import ParameterError, is_int
 from jaxinfer.generate import (
@@ -40,6 +44,7 @@ class RequestOutput:
     new_token_ids: list[int]
     text: str | None  # the text these tokens completed (None without a tokenizer); a stop string is cut off
     finish_reason: str | None  # "stop" | "length" | "abort" once finished
+    logprobs: list[TokenLogprobs] | None = None  # one per new token, if the request asked for logprobs
 
 
 class Histogram:
@@ -185,23 +190,24 @@ class Engine:
 
     def add_request(
         self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 64, stop=None, seed: int = 0,
-        priority: int = 0,
+        priority: int = 0, logprobs: int | None = None,
     ) -> int:
         """Queue a request -> its id. Every argument is checked first: a bad one raises ParameterError naming it
-        and queues nothing."""
-        request = self._check_request(prompt, sampling, max_new_tokens, stop, seed, priority)
+        and queues nothing. logprobs: None, or how many top alternatives (0 to MAX_LOGPROBS) to report with each
+        output token's logprob in RequestOutput.logprobs."""
+        request = self._check_request(prompt, sampling, max_new_tokens, stop, seed, priority, logprobs)
         self._queue(request)
         return request.request_id
 
     def check_request(
         self, prompt, sampling: SamplingParams | None = None, max_new_tokens: int = 64, stop=None, seed: int = 0,
-        priority: int = 0,
+        priority: int = 0, logprobs: int | None = None,
     ) -> None:
         """What add_request checks, queueing nothing: a ParameterError naming the bad argument (a front end checks
         every part of a request before it queues any)."""
-        self._check_request(prompt, sampling, max_new_tokens, stop, seed, priority)
+        self._check_request(prompt, sampling, max_new_tokens, stop, seed, priority, logprobs)
 
-    def _check_request(self, prompt, sampling, max_new_tokens, stop, seed, priority) -> Request:
+    def _check_request(self, prompt, sampling, max_new_tokens, stop, seed, priority, logprobs=None) -> Request:
         cfg = self.model.cfg
         if sampling is None:
             sampling = SamplingParams()
@@ -212,6 +218,8 @@ class Engine:
         if not is_int(priority):
             raise ParameterError("priority", "must be an int", value=priority)
         stop = self._check_stop(stop)
+        if logprobs is not None and not (is_int(logprobs) and 0 <= logprobs <= MAX_LOGPROBS):
+            raise ParameterError("logprobs", f"must be None or an int in [0, {MAX_LOGPROBS}]", value=logprobs)
         ids = check_token_ids(prompt, cfg.vocab_size, self.tokenizer, "prompt")
         if len(ids) + max_new_tokens > self.max_model_len:
             raise ParameterError(
@@ -231,10 +239,10 @@ class Engine:
             raise ParameterError(
                 "sampling", f"has {len(stop_ids)} stop token ids with the model's EOS ids; at most {STOP_WIDTH}"
             )
-        request = Request(
-            -1, ids, max_new_tokens, sampling, seed=seed, priority=int(priority), stop_token_ids=stop_ids, stop=stop
+        return Request(
+            -1, ids, max_new_tokens, sampling, seed=seed, priority=int(priority), stop_token_ids=stop_ids, stop=stop,
+            logprobs=None if logprobs is None else int(logprobs),
         )
-        return request
 
     def _check_stop(self, stop) -> tuple[str, ...]:
         if stop is None:
@@ -270,7 +278,8 @@ class Engine:
             return False
         self.scheduler.finish(request, FinishReason.ABORT)
         self._forget(request_id)
-        self._pending.append(RequestOutput(request_id, [], "" if self.tokenizer else None, "abort"))
+        no_tokens = None if request.logprobs is None else []
+        self._pending.append(RequestOutput(request_id, [], "" if self.tokenizer else None, "abort", no_tokens))
         return True
 
     def close(self) -> None:
@@ -305,10 +314,12 @@ class Engine:
         self._packed_calls += sum(len(call.groups) > 1 for call in step_input.calls)
         now = time.perf_counter()
         for request in self.scheduler.update(out, result):
-            outputs.append(self._output(request, now))
+            outputs.append(self._output(request, now, result.logprobs.get(request.request_id)))
         return outputs
 
-    def _output(self, request: Request, now: float) -> RequestOutput:
+    def _output(self, request: Request, now: float, logprobs: TokenLogprobs | None) -> RequestOutput:
+        """logprobs: the new token's, which the step reports for exactly the requests that asked."""
+        assert (logprobs is None) == (request.logprobs is None), (request.request_id, request.logprobs)
         rid = request.request_id
         token = request.output_token_ids[-1]
         previous = self._last_token_at.get(rid)
@@ -327,7 +338,7 @@ class Engine:
         reason = request.finish_reason.value if request.is_finished else None
         if request.is_finished:
             self._forget(rid)
-        return RequestOutput(rid, [token], text, reason)
+        return RequestOutput(rid, [token], text, reason, None if logprobs is None else [logprobs])
 
     # -------------------------------------------------------------------------------- batch API and metrics
 

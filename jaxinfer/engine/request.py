@@ -27,6 +27,16 @@ class FinishReason(enum.Enum):
     ABORT = "abort"
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenLogprobs:
+    """One output token's log-probability and its most likely alternatives, from log_softmax of the raw logits
+    (before temperature, penalties and top-k/top-p/min-p: what vLLM and OpenAI report)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token_id, logprob), most likely first: as many as the request asked
+
+
 @dataclasses.dataclass(eq=False)
 class Request:
     request_id: int  # assigned by the engine, in arrival order
@@ -37,6 +47,7 @@ class Request:
     priority: int = 0  # lower runs first; FCFS among equals
     stop_token_ids: frozenset[int] = frozenset()  # the model's EOS ids and the sampling's stop ids
     stop: tuple[str, ...] = ()  # stop strings, matched on the host's detokenized text
+    logprobs: int | None = None  # top alternatives to report with each output token's logprob; None: no logprobs
 
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None

@@ -18,12 +18,15 @@ from jax import monitoring
 
 from jaxinfer import kv_cache, sharding, steps
 from jaxinfer.engine.batch import Call, StepInput, warm_up_calls
+from jaxinfer.engine.request import TokenLogprobs
 from jaxinfer.engine.scheduler import SlotWrite, StepResult
 from jaxinfer.runtime import Runtime
 from jaxinfer.sampling import SamplingArrays, seed_words
 from jaxinfer.sampling_params import SamplingParams
 
 _GREEDY = SamplingParams(temperature=0.0)
+
+MAX_LOGPROBS = steps.MAX_LOGPROBS  # the most top alternatives a request may ask to see with each token
 
 _COMPILE_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
 
@@ -91,7 +94,7 @@ class Runner:
         page_table = np.zeros((self.max_slots, self.cache.pages_per_seq), np.int32)
         lengths = np.zeros((self.max_slots,), np.int32)
         for call in warm_up_calls(self.max_slots, self.buckets, prompt_lengths, self.pack_chunks_up_to):
-            tok, _ = self._dispatch(call, page_table, lengths)
+            tok, _, _ = self._dispatch(call, page_table, lengths)
             if len(call.groups) > 1:
                 self.packed_shapes = self.packed_shapes | {call.shape}
         self._write_slot(SlotWrite(0, -1, _GREEDY, 0, (), ()))
@@ -107,23 +110,27 @@ class Runner:
             if self.poison_new_pages and step.new_pages:
                 self._poison(step.new_pages)
             results = [self._dispatch(call, step.page_table, step.lengths) for call in step.calls]
-            sampled, stopped = {}, set()
-            for call, (tok, stop) in zip(step.calls, results):
+            sampled, stopped, logprobs = {}, set(), {}
+            for call, (tok, stop, call_logprobs) in zip(step.calls, results):
                 tok, stop = np.asarray(tok), np.asarray(stop)
                 for row, request_id in enumerate(call.request_ids):
                     if request_id is not None:
                         sampled[request_id] = int(tok[row])
                         if stop[row]:
                             stopped.add(request_id)
+                if call.want_logprobs:  # otherwise they stay on the device: the zeros of the branch not taken
+                    logprobs.update(_token_logprobs(call, tok, call_logprobs))
         self.compilations_after_warm_up = self._compiles.count
-        return StepResult(sampled, frozenset(stopped))
+        return StepResult(sampled, frozenset(stopped), logprobs)
 
     def _dispatch(self, call: Call, page_table: np.ndarray, lengths: np.ndarray):
+        """-> the call's (tokens [R], stopped [R], logprobs) on the device, logprobs computed if a row wants them."""
         rows = tuple(steps.StepRows(g.tokens, g.positions, g.seq_ids, g.sample, g.output_index) for g in call.groups)
-        tok, stopped, self.cache, self.slots = steps.compute_and_sample(
-            self.params, self.cfg, self.cache, self.slots, page_table, lengths, rows, runtime=self.runtime,
+        tok, stopped, logprobs, self.cache, self.slots = steps.compute_and_sample(
+            self.params, self.cfg, self.cache, self.slots, page_table, lengths, rows, np.bool_(call.want_logprobs),
+            runtime=self.runtime,
         )
-        return tok, stopped
+        return tok, stopped, logprobs
 
     def _write_slot(self, write: SlotWrite) -> None:
         sampling = SamplingArrays.from_params([write.sampling], 1)
@@ -139,3 +146,15 @@ class Runner:
         mask = np.zeros((self.num_pages,), bool)
         mask[pages] = True
         self.cache = steps.poison_pages(self.cache, mask)
+
+
+def _token_logprobs(call: Call, tok: np.ndarray, call_logprobs) -> dict[int, TokenLogprobs]:
+    """request_id -> its token's logprobs, for the rows that asked, each top list cut to what its request asked."""
+    token_logprob, top_ids, top_logprobs = (np.asarray(a) for a in call_logprobs)  # [R], [R, K], [R, K]
+    return {
+        request_id: TokenLogprobs(
+            int(tok[row]), float(token_logprob[row]),
+            tuple(zip(top_ids[row, :n].tolist(), top_logprobs[row, :n].tolist())),
+        )
+        for row, (request_id, n) in enumerate(zip(call.request_ids, call.logprobs)) if n is not None
+    }

@@ -17,7 +17,7 @@ import heapq
 
 from jaxinfer.engine.pages import NULL_PAGE, PagePool
 from jaxinfer.engine.prefix_cache import PrefixCache, page_hash
-from jaxinfer.engine.request import FinishReason, Request, RequestStatus
+from jaxinfer.engine.request import FinishReason, Request, RequestStatus, TokenLogprobs
 from jaxinfer.sampling_params import SamplingParams
 
 
@@ -31,6 +31,7 @@ class ScheduledChunk:
     token_ids: tuple[int, ...]
     sample: bool  # start + len(token_ids) == num_tokens: the step samples output token `output_index`
     output_index: int  # index of the sampled token in the request's output: its sampling key
+    logprobs: int | None = None  # the request's: top alternatives to report with the sampled token (None: none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,7 @@ class SchedulerOutput:
 class StepResult:
     sampled: dict[int, int]  # request_id -> the token its chunk sampled
     stopped: frozenset[int] = frozenset()  # request_ids whose token is one of their stop ids (checked on device)
+    logprobs: dict[int, TokenLogprobs] = dataclasses.field(default_factory=dict)  # request_id -> its token's, if asked
 
 
 def _priority_then_id(request: Request):
@@ -216,6 +218,7 @@ class Scheduler:
         return ScheduledChunk(
             request.request_id, request.slot, start, tuple(request.token_ids(start, start + n)),
             sample=start + n == request.num_tokens, output_index=len(request.output_token_ids),
+            logprobs=request.logprobs,
         )
 
     def _grow(self, request: Request, num_tokens: int, out: SchedulerOutput) -> bool:

@@ -25,12 +25,15 @@ for C in [int(x) for x in sys.argv[1:]]:
     ch = rows(np.full((1, 16), 5, np.int32), (C + np.arange(16, dtype=np.int32))[None], [1])
     def sep():
         global cache, slots
-        t1, _, cache, slots = steps.compute_and_sample(m.params, cfg, cache, slots, pt, lengths, (dec,), runtime=rt)
-        t2, _, cache, slots = steps.compute_and_sample(m.params, cfg, cache, slots, pt, lengths, (ch,), runtime=rt)
+        t1, _, _, cache, slots = steps.compute_and_sample(m.params, cfg, cache, slots, pt, lengths, (dec,), False,
+                                                          runtime=rt)
+        t2, _, _, cache, slots = steps.compute_and_sample(m.params, cfg, cache, slots, pt, lengths, (ch,), False,
+                                                          runtime=rt)
         return t2
     def packed():
         global cache, slots
-        t, _, cache, slots = steps.compute_and_sample(m.params, cfg, cache, slots, pt, lengths, (dec, ch), runtime=rt)
+        t, _, _, cache, slots = steps.compute_and_sample(m.params, cfg, cache, slots, pt, lengths, (dec, ch), False,
+                                                         runtime=rt)
         return t
     ts = {"separate": [], "packed": []}
     for f in (sep, packed): jax.block_until_ready(f())
