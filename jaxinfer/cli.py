@@ -31,6 +31,7 @@ from jaxinfer.chat_history import ChatHistory
 from jaxinfer.errors import ParameterError
 from jaxinfer.prompt_spec import Defaults, PromptError, PromptSpec
 from jaxinfer.sampling_params import INT32_MAX, SEED_LIMIT, SamplingParams
+from jaxinfer.server import DEFAULT_MAX_WAITING
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 DTYPES = ("float32", "bfloat16", "float16")
@@ -56,6 +57,16 @@ def _int_in(low: int, high: int):
         return value
 
     return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0 and finite")
+    return value
 
 
 def _ids(text: str) -> list[int]:
@@ -118,6 +129,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-slots", type=_int_in(1, 4096), default=16, help="requests decoding at once")
     s.add_argument("--max-tokens-per-step", type=_int_in(1, INT32_MAX), default=512)
     s.add_argument("--context", type=_int_in(2, INT32_MAX), help="cap the context below the model's (tokens)")
+    s.add_argument("--api-key", default=os.environ.get("JAXINFER_API_KEY"),
+                   help="require Authorization: Bearer KEY on /v1/* and /tokenize (default: $JAXINFER_API_KEY; none)")
+    s.add_argument("--max-waiting", type=_int_in(0, INT32_MAX), default=DEFAULT_MAX_WAITING,
+                   help="requests queued beyond --max-slots before new ones get 429")
+    s.add_argument("--shutdown-timeout", type=_seconds, default=30.0,
+                   help="on SIGTERM: seconds the requests in flight may run on (new ones get 503), then exit 0")
 
     v = sub.add_parser("convert", help="convert a checkpoint to orbax (+ config and tokenizer)")
     v.add_argument("src")
@@ -445,8 +462,7 @@ def _chat_turn(engine, history: ChatHistory, line: str, defaults: Defaults, cont
 
 def cmd_serve(args) -> int:
     try:
-        import uvicorn
-
+        from jaxinfer.server import serve
         from jaxinfer.server.app import create_app
     except ImportError as e:
         raise UsageError(f"jaxinfer serve needs the serve extra ({e.name} is missing): "
@@ -457,7 +473,9 @@ def cmd_serve(args) -> int:
     engine = jaxinfer.AsyncEngine(model, max_slots=args.max_slots, max_tokens_per_step=args.max_tokens_per_step)
     print(f"[compiled in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
     try:
-        uvicorn.run(create_app(engine, args.served_model_name or args.model), host=args.host, port=args.port)
+        app = create_app(engine, args.served_model_name or args.model, api_key=args.api_key,
+                         max_waiting=args.max_waiting)
+        serve.run(app, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout)
     finally:
         engine.close()
     return EXIT_OK

@@ -1,10 +1,13 @@
-"""Serving benchmark: the engine (continuous batching) against static batching, on offline-generated workloads.
+"""Serving benchmark: the engine (continuous batching) against static batching, on offline-generated workloads; or
+the same workloads over HTTP against a running OpenAI-compatible server (`jaxinfer serve`).
 
     python scripts/bench_serving.py --workload sharegpt --num-requests 64 --preset smollm2-135m
     python scripts/bench_serving.py --workload shared-prefix --groups 4 --prompts-per-group 8 --prefix-len 512
     python scripts/bench_serving.py --workload victim --prefill-chunk 32
     python scripts/bench_serving.py --workload sharegpt --rate 2 --save-schedule s.json   # Poisson arrivals
     python scripts/bench_serving.py --load-schedule s.json                                 # the same, replayed
+    python scripts/bench_serving.py --url http://127.0.0.1:8000 --workload sharegpt --concurrency 1,8,32
+    python scripts/bench_serving.py --url http://127.0.0.1:8000 --rate 1 --seed 1           # Poisson, over HTTP
 
 Workloads (token ids random, no download): `sharegpt` (input and output lengths log-normal, medians 135 and 132,
 sigma 1.1 and 0.8, 4 <= input <= 1024, input + output <= 2048), `fixed` (--input-len, --output-len),
@@ -17,15 +20,41 @@ batching (jaxinfer.generate_stream in batches of --max-slots, in arrival order, 
 arrived) runs the same workload in the same process after an untimed pass that compiles its programs (each batch to
 its second streamed chunk; the timed pass's compile count is printed). Outputs
 ignore EOS (the model's EOS ids are dropped), so every request decodes its output length.
+
+Closed loop (--concurrency 1,8,32): C requests in flight, the next sent (added) as one finishes, arrivals ignored; one
+row per level ("c=C"), each level a fresh engine and the workload's prompts under its own permutation of the
+vocabulary (level 0 the identity), so equal prefixes stay equal within a level and no level is served from another's
+prefix cache.
+
+Over HTTP (--url; the victim workload runs in-process only): the model name from GET /v1/models (or
+--served-model-name), the prompts random token ids over --preset's vocabulary (smollm2-135m's 49,152 is the
+embedded default model's), each request a greedy streamed POST /v1/completions with ignore_eos and max_tokens its
+output length. TTFT is to the first event with a choice, ITL between such events (one may carry several tokens:
+as `vllm bench serve`, ITL is per event and TPOT divides by tokens), the output tokens usage.completion_tokens. A
+request answered with an HTTP error, a stream broken before [DONE], an output length other than max_tokens or
+--request-timeout passing is counted failed, and the summary is over the completed ones. A server keeps its prefix
+cache between runs: give each run against one server its own --seed. The overhead of the HTTP layer per output
+token, at matching settings (`jaxinfer serve` defaults to 16 slots, 512 tokens per step, the GGUF as float32):
+
+    jaxinfer serve --port 8011 &
+    B="python scripts/bench_serving.py --workload sharegpt --num-requests 32 --concurrency 1,8,32"
+    $B --url http://127.0.0.1:8011
+    $B --no-static --max-slots 16 --max-tokens-per-step 512 --dtype float32
+
+HTTP TPOT - in-process TPOT at each level is the HTTP layer's cost per output token (run them one after the other
+on a quiet machine: they are not interleaved).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import collections
 import dataclasses
 import json
 import math
 import os
+import sys
 import time
 
 import jax
@@ -79,18 +108,23 @@ def arrivals(n: int, rate: float, rng) -> list[float]:
 # ------------------------------------------------------------------------------------------------ runs
 
 
-def run_engine(engine, reqs: list[Req]) -> list[list[float]]:
-    """Token times (seconds after the start) per request, the requests added as their arrival times pass."""
-    times: dict[int, list[float]] = {}
+def run_engine(engine, reqs: list[Req], concurrency: int | None = None) -> tuple[list[float], list[list[float]]]:
+    """-> (each request's start, its token times), seconds after the start. Open loop (concurrency None): each request
+    added as its arrival time passes, its start that arrival; closed loop: `concurrency` requests in flight, the next
+    added (and started) as one finishes."""
+    starts, times = [r.arrival for r in reqs], [[] for _ in reqs]
     ids = {}
+    in_flight = 0
     t0 = time.perf_counter()
     i = 0
     while i < len(reqs) or engine.has_unfinished():
         now = time.perf_counter() - t0
-        while i < len(reqs) and reqs[i].arrival <= now:
+        while i < len(reqs) and (reqs[i].arrival <= now if concurrency is None else in_flight < concurrency):
             rid = engine.add_request(reqs[i].prompt, sampling=GREEDY, max_new_tokens=reqs[i].output_len, seed=i)
             ids[rid] = i
-            times[i] = []
+            if concurrency is not None:
+                starts[i] = now
+            in_flight += 1
             i += 1
         if not engine.has_unfinished():
             time.sleep(max(0.0, reqs[i].arrival - (time.perf_counter() - t0)))
@@ -100,7 +134,8 @@ def run_engine(engine, reqs: list[Req]) -> list[list[float]]:
         for out in outs:
             if out.new_token_ids:
                 times[ids[out.request_id]].append(now)
-    return [times[i] for i in range(len(reqs))]
+            in_flight -= out.finish_reason is not None
+    return starts, times
 
 
 def run_static(model, reqs: list[Req], batch_size: int, compile_only: bool = False) -> list[list[float]]:
@@ -145,16 +180,21 @@ class CompileCount:
         monitoring.unregister_event_duration_listener(self._on_event)
 
 
-def summarize(reqs: list[Req], times: list[list[float]], slo_ttft: float, slo_tpot: float) -> dict:
-    ttft = np.array([t[0] - r.arrival for r, t in zip(reqs, times)])
-    e2e = np.array([t[-1] - r.arrival for r, t in zip(reqs, times)])
-    tpot = np.array([(t[-1] - t[0]) / (len(t) - 1) for t in times if len(t) > 1])
+def summarize(starts: list[float], times: list[list[float]], slo_ttft: float, slo_tpot: float,
+              output_tokens: list[int] | None = None) -> dict:
+    """starts: when each request was sent; times: when each of its tokens came, or (output_tokens given: over HTTP,
+    where one event may carry several tokens) each of its token-bearing events. TPOT divides by tokens, ITL is per
+    event (as `vllm bench serve`)."""
+    n = [len(t) for t in times] if output_tokens is None else output_tokens
+    ttft = np.array([t[0] - s for s, t in zip(starts, times)])
+    e2e = np.array([t[-1] - s for s, t in zip(starts, times)])
+    tpot = np.array([(t[-1] - t[0]) / (k - 1) for t, k in zip(times, n) if k > 1])
     itl = np.concatenate([np.diff(t) for t in times if len(t) > 1] or [np.zeros(0)])
-    duration = max(t[-1] for t in times) - min(r.arrival for r in reqs)
-    tokens = sum(len(t) for t in times)
+    duration = max(t[-1] for t in times) - min(starts)
+    tokens = sum(n)
     good = sum(
-        (t[0] - r.arrival) <= slo_ttft and (len(t) < 2 or (t[-1] - t[0]) / (len(t) - 1) <= slo_tpot)
-        for r, t in zip(reqs, times)
+        (t[0] - s) <= slo_ttft and (k < 2 or (t[-1] - t[0]) / (k - 1) <= slo_tpot)
+        for s, t, k in zip(starts, times, n)
     )
 
     def stats(x):
@@ -163,8 +203,8 @@ def summarize(reqs: list[Req], times: list[list[float]], slo_ttft: float, slo_tp
         return {"mean": float(np.mean(x)), "median": float(np.median(x)), "p99": float(np.percentile(x, 99))}
 
     return {
-        "duration_s": duration, "requests": len(reqs), "output_tokens": tokens,
-        "request_throughput": len(reqs) / duration, "output_throughput": tokens / duration,
+        "duration_s": duration, "requests": len(times), "output_tokens": tokens,
+        "request_throughput": len(times) / duration, "output_throughput": tokens / duration,
         "goodput": good / duration, "ttft_s": stats(ttft), "tpot_s": stats(tpot), "itl_s": stats(itl),
         "e2e_s": stats(e2e),
     }
@@ -220,6 +260,158 @@ def make_engine(model, args, prefix_caching: bool):
                            prefill_chunk=args.prefill_chunk, prefix_caching=prefix_caching, num_pages=args.num_pages)
 
 
+def relabeled(reqs: list[Req], vocab: int, seed: int, level: int) -> list[Req]:
+    """The workload of concurrency level `level`: its token ids through a permutation of the vocabulary (level 0's
+    the identity), so prefixes shared within the level stay shared and no level hits another's cached prefixes."""
+    if level == 0:
+        return reqs
+    perm = np.random.default_rng([seed, level]).permutation(vocab)
+    return [dataclasses.replace(r, prompt=perm[r.prompt].tolist()) for r in reqs]
+
+
+# ------------------------------------------------------------------------------------------------ over HTTP
+
+
+class ServerUnreachable(Exception):
+    pass
+
+
+@dataclasses.dataclass
+class Sent:
+    """One request over HTTP, in seconds after the start: when it was sent and when each token-bearing event came."""
+
+    start: float
+    events: list[float] = dataclasses.field(default_factory=list)
+    output_tokens: int | None = None  # usage.completion_tokens
+    error: str | None = None  # why it failed; None: it completed with its full output length
+
+
+async def served_model(client, url: str) -> dict:
+    """GET /v1/models -> the first model card; ServerUnreachable (one line naming the URL) if nothing answers it."""
+    import httpx
+
+    try:
+        r = await client.get("/v1/models")
+        r.raise_for_status()
+        return r.json()["data"][0]
+    except (httpx.HTTPError, ValueError, LookupError, TypeError) as e:
+        raise ServerUnreachable(f"bench_serving: no OpenAI-compatible server at {url} ({_one_line(e)})") from None
+
+
+async def stream_request(client, model: str, req: Req, start: float, t0: float, timeout: float) -> Sent:
+    """One greedy streamed completion of req's output length; whatever fails is this request's error, not the run's."""
+    body = {"model": model, "prompt": req.prompt, "max_tokens": req.output_len, "temperature": 0.0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    sent, done = Sent(start), False
+    try:
+        async with asyncio.timeout(timeout):
+            async with client.stream("POST", "/v1/completions", json=body) as r:
+                if r.status_code != 200:
+                    await r.aread()
+                    sent.error = f"HTTP {r.status_code}: {_error_message(r)}"
+                    return sent
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue  # the blank line between events
+                    if line == "data: [DONE]":
+                        done = True
+                        break
+                    chunk = json.loads(line.removeprefix("data: "))
+                    if chunk["choices"]:
+                        sent.events.append(time.perf_counter() - t0)
+                    if chunk.get("usage"):
+                        sent.output_tokens = chunk["usage"]["completion_tokens"]
+    except TimeoutError:
+        sent.error = f"no full answer in --request-timeout {timeout:g} s"
+        return sent
+    except Exception as e:  # a broken connection or a malformed event fails this request; the others go on
+        sent.error = _one_line(e)
+        return sent
+    if not done:
+        sent.error = "the stream ended before data: [DONE]"
+    elif sent.output_tokens != req.output_len or not sent.events:
+        sent.error = f"{sent.output_tokens} output tokens in {len(sent.events)} events, not max_tokens {req.output_len}"
+    return sent
+
+
+def _one_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+
+
+def _error_message(r) -> str:
+    try:
+        return str(r.json()["error"]["message"])
+    except (ValueError, LookupError, TypeError):
+        return r.text[:200]
+
+
+async def send_all(client, model: str, reqs: list[Req], concurrency: int | None, timeout: float) -> list[Sent]:
+    """Open loop (concurrency None): each request sent at its arrival, its start that arrival. Closed loop:
+    `concurrency` workers, each sending the next request as its last one finishes."""
+    t0 = time.perf_counter()
+    if concurrency is None:
+        async def at_arrival(r: Req) -> Sent:
+            await asyncio.sleep(max(0.0, r.arrival - (time.perf_counter() - t0)))
+            return await stream_request(client, model, r, r.arrival, t0, timeout)
+
+        return list(await asyncio.gather(*map(at_arrival, reqs)))
+    sent: list[Sent | None] = [None] * len(reqs)
+    todo = iter(range(len(reqs)))  # shared by the workers: each takes the next index
+
+    async def worker():
+        for i in todo:
+            sent[i] = await stream_request(client, model, reqs[i], time.perf_counter() - t0, t0, timeout)
+
+    await asyncio.gather(*(worker() for _ in range(min(concurrency, len(reqs)))))
+    return sent
+
+
+def http_summary(sent: list[Sent], slo: tuple[float, float]) -> dict:
+    done = [x for x in sent if x.error is None]
+    failures = collections.Counter(x.error for x in sent if x.error is not None)
+    s = {}
+    if done:
+        s = summarize([x.start for x in done], [x.events for x in done], *slo, [x.output_tokens for x in done])
+    return {**s, "completed": len(done), "failed": len(sent) - len(done), "failures": dict(failures),
+            "events": sum(len(x.events) for x in done)}
+
+
+async def main_http(args, cfg, slo: tuple[float, float], result: dict) -> None:
+    import httpx
+
+    pool = max(args.concurrency) + 1 if args.concurrency else None  # none waits for a connection; open loop: no bound
+    limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
+    timeout = httpx.Timeout(args.request_timeout, connect=10.0)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    async with httpx.AsyncClient(base_url=args.url, limits=limits, timeout=timeout, headers=headers,
+                                 trust_env=False) as client:
+        card = await served_model(client, args.url)
+        model = args.served_model_name or card["id"]
+        context = min(cfg.max_position_embeddings, card.get("max_model_len") or math.inf)
+        print(f"{args.url}: model {model} (context {context}), prompts over {args.preset}'s vocabulary of "
+              f"{cfg.vocab_size}, {_load_average()}")
+        result["server"] = {"url": args.url, "model": model, "context": context}
+        reqs = workload(args, cfg.vocab_size, context)
+        runs = {}
+        for level, c in enumerate(args.concurrency or [None]):
+            sent = await send_all(client, model, relabeled(reqs, cfg.vocab_size, args.seed, level), c,
+                                  args.request_timeout)
+            name = f"http rate {args.rate:g}" if c is None else f"http c={c}"
+            runs[name] = dict(http_summary(sent, slo), load_average=os.getloadavg())
+            run = runs[name]
+            if run["completed"]:
+                print_row(name, run)
+            else:
+                print(f"{name:<22} no request completed")
+            reasons = "".join(f"; {k} x {why}" for why, k in collections.Counter(run["failures"]).most_common(3))
+            print(f"{'':<22} {run['completed']} of {len(sent)} completed, {run['failed']} failed{reasons}; "
+                  f"{run['events']} token events for {run.get('output_tokens', 0)} output tokens; {_load_average()}")
+            if run["events"] < 0.9 * run.get("output_tokens", 0):
+                print(f"{'':<22} fewer events than tokens (a token that completes no text streams no event; without "
+                      "a tokenizer a request is one event): ITL is per event, TPOT from first to last event")
+    result["runs"] = runs
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -234,6 +426,24 @@ def build_workload(args, vocab: int, context: int) -> list[Req]:
                               args.output_len)
     times = arrivals(len(pairs), args.rate, rng)
     return [Req(t, p, o) for t, (p, o) in zip(times, pairs)]
+
+
+def workload(args, vocab: int, context: int) -> list[Req]:
+    """The run's requests: built (and saved with --save-schedule), or replayed with --load-schedule; printed."""
+    if args.load_schedule:
+        with open(args.load_schedule) as f:
+            saved = json.load(f)
+        reqs = [Req(r["arrival"], r["prompt"], r["output_len"]) for r in saved["requests"]]
+    else:
+        reqs = build_workload(args, vocab, context)
+    if args.save_schedule:
+        with open(args.save_schedule, "w") as f:
+            json.dump({"workload": args.workload, "requests": [dataclasses.asdict(r) for r in reqs]}, f)
+    lens = np.array([len(r.prompt) for r in reqs]), np.array([r.output_len for r in reqs])
+    load = f"concurrency {','.join(map(str, args.concurrency))}" if args.concurrency else f"rate {args.rate} req/s"
+    print(f"{args.workload}: {len(reqs)} requests, input median {np.median(lens[0]):.0f} (max {lens[0].max()}), "
+          f"output median {np.median(lens[1]):.0f} (max {lens[1].max()}), {load}")
+    return reqs
 
 
 def print_row(name: str, s: dict) -> None:
@@ -264,6 +474,16 @@ def main(argv=None) -> None:
     p.add_argument("--victim-len", type=int, default=512, help="victim: its output tokens")
     p.add_argument("--attacker-len", type=int, default=4000, help="victim: the long prompt's tokens")
     p.add_argument("--rate", type=float, default=math.inf, help="Poisson arrivals per second (inf: all at t=0)")
+    p.add_argument("--concurrency", type=_levels, default=None,
+                   help="closed loop instead of arrivals: e.g. 1,8,32, one run (row) per level of requests in flight")
+    p.add_argument("--url", default=None,
+                   help="benchmark a running OpenAI-compatible server here (e.g. http://127.0.0.1:8000) instead of "
+                        "the in-process engine; sharegpt, fixed and shared-prefix only (victim runs in-process)")
+    p.add_argument("--served-model-name", default=None,
+                   help="--url: the requests' model (default: the first of GET /v1/models)")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="--url: seconds for one request, all of it")
+    p.add_argument("--api-key", default=os.environ.get("JAXINFER_API_KEY"),
+                   help="--url: sent as Authorization: Bearer KEY (default: $JAXINFER_API_KEY, as jaxinfer serve's)")
     p.add_argument("--save-schedule", default=None, help="write the workload (arrivals, prompts) here")
     p.add_argument("--load-schedule", default=None, help="replay a saved workload")
     p.add_argument("--max-slots", type=int, default=16)
@@ -278,16 +498,28 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
+    if args.url and args.workload == "victim":
+        p.error("--workload victim runs in-process only (drop --url)")
+    if args.concurrency and not math.isinf(args.rate):
+        p.error("--rate and --concurrency are two ways to load it: give one")
+    kept = {k: v for k, v in vars(args).items() if k != "api_key" and not (isinstance(v, float) and math.isinf(v))}
+    result = {"args": kept, "load_average": os.getloadavg()}
+    slo = (args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
+
+    if args.url:
+        try:
+            asyncio.run(main_http(args, jaxinfer.ModelConfig.preset(args.preset), slo, result))
+        except ServerUnreachable as e:
+            print(e, file=sys.stderr)
+            raise SystemExit(2) from None
+        return _write(args, result)
 
     base = jaxinfer.random_model(args.preset, dtype=args.dtype)
     model = jaxinfer.Model(base.cfg.replace(eos_token_ids=()), base.params)  # outputs run their full length
     cfg = model.cfg
-    load = os.getloadavg()
-    print(f"{args.preset} {cfg.dtype} layers {cfg.num_layers}, jax {jaxinfer_jax_version()}, load average "
-          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, max_slots {args.max_slots}, "
-          f"max_tokens_per_step {args.max_tokens_per_step}, prefill_chunk {args.prefill_chunk or 'default'}")
-    result = {"args": {k: v for k, v in vars(args).items() if not (isinstance(v, float) and math.isinf(v))},
-              "load_average": load}
+    print(f"{args.preset} {cfg.dtype} layers {cfg.num_layers}, jax {jaxinfer_jax_version()}, {_load_average()}, "
+          f"max_slots {args.max_slots}, max_tokens_per_step {args.max_tokens_per_step}, "
+          f"prefill_chunk {args.prefill_chunk or 'default'}")
 
     if args.workload == "victim":
         v = victim(model, args)
@@ -297,32 +529,23 @@ def main(argv=None) -> None:
         result["victim"] = v
         return _write(args, result)
 
-    if args.load_schedule:
-        with open(args.load_schedule) as f:
-            saved = json.load(f)
-        reqs = [Req(r["arrival"], r["prompt"], r["output_len"]) for r in saved["requests"]]
-    else:
-        reqs = build_workload(args, cfg.vocab_size, cfg.max_position_embeddings)
-    if args.save_schedule:
-        with open(args.save_schedule, "w") as f:
-            json.dump({"workload": args.workload, "requests": [dataclasses.asdict(r) for r in reqs]}, f)
-    lens = np.array([len(r.prompt) for r in reqs]), np.array([r.output_len for r in reqs])
-    print(f"{args.workload}: {len(reqs)} requests, input median {np.median(lens[0]):.0f} (max {lens[0].max()}), "
-          f"output median {np.median(lens[1]):.0f} (max {lens[1].max()}), rate {args.rate} req/s")
-    slo = (args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
+    reqs = workload(args, cfg.vocab_size, cfg.max_position_embeddings)
     caching = args.prefix_caching or ("both" if args.workload == "shared-prefix" else "on")
     runs = {}
     for on in {"on": [True], "off": [False], "both": [True, False]}[caching]:
-        engine = make_engine(model, args, prefix_caching=on)
-        times = run_engine(engine, reqs)
-        name = f"engine prefix {'on' if on else 'off'}"
-        runs[name] = dict(summarize(reqs, times, *slo), engine=engine_counters(engine))
-        print_row(name, runs[name])
-        print(f"{'':<22} {runs[name]['engine']}")
+        for level, c in enumerate(args.concurrency or [None]):
+            engine = make_engine(model, args, prefix_caching=on)
+            starts, times = run_engine(engine, relabeled(reqs, cfg.vocab_size, args.seed, level), c)
+            name = f"engine prefix {'on' if on else 'off'}" + ("" if c is None else f" c={c}")
+            runs[name] = dict(summarize(starts, times, *slo), engine=engine_counters(engine),
+                              load_average=os.getloadavg())
+            print_row(name, runs[name])
+            print(f"{'':<22} {runs[name]['engine']}; {_load_average()}")
     if not args.no_static:
         run_static(model, reqs, args.max_slots, compile_only=True)  # untimed: compiles what the timed pass runs
         with CompileCount() as compiles:
-            runs["static batching"] = summarize(reqs, run_static(model, reqs, args.max_slots), *slo)
+            times = run_static(model, reqs, args.max_slots)
+            runs["static batching"] = summarize([r.arrival for r in reqs], times, *slo)
         runs["static batching"]["compilations_in_timed_pass"] = compiles.count
         print_row("static batching", runs["static batching"])
         print(f"{'':<22} compilations in the timed pass: {compiles.count}")
@@ -339,6 +562,20 @@ def main(argv=None) -> None:
 
 def jaxinfer_jax_version() -> str:
     return jax.__version__
+
+
+def _load_average() -> str:
+    return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+
+
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(c) for c in text.split(",")]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give request counts >= 1, comma-separated, e.g. 1,8,32")
+    return levels
 
 
 def _write(args, result: dict) -> None:

@@ -114,6 +114,13 @@ def test_bench_serving_reports_engine_static_and_prefix_caching(capsys, tmp_path
     assert len(saved) == 6 and saved[0]["arrival"] > 0
     bench.main([*common, "--load-schedule", str(schedule), "--no-static", "--prefix-caching", "on"])
     assert "6 requests" in capsys.readouterr().out
+    # Closed loop: a row per level, every request its full output.
+    bench.main([*common, "--load-schedule", str(schedule), "--no-static", "--prefix-caching", "on", "--concurrency",
+                "1,3", "--json", str(out_json)])
+    assert "engine prefix on c=1 " in capsys.readouterr().out
+    runs = json.loads(out_json.read_text())["runs"]
+    assert list(runs) == ["engine prefix on c=1", "engine prefix on c=3"]
+    assert all(r["output_tokens"] == 6 * 4 and r["requests"] == 6 for r in runs.values())
 
 
 def test_bench_serving_victim_keeps_decoding_beside_a_long_prefill(capsys):
@@ -122,3 +129,77 @@ def test_bench_serving_victim_keeps_decoding_beside_a_long_prefill(capsys):
                 "--max-slots", "2", "--max-tokens-per-step", "32"])
     out = capsys.readouterr().out
     assert "victim alone" in out and "% of alone" in out
+
+
+@pytest.fixture(scope="module")
+def tiny_server():
+    """-> the base url of `jaxinfer serve`'s app on a loopback port, a tiny random model (no tokenizer) behind it."""
+    import jax
+
+    import jaxinfer
+
+    for name in ("fastapi", "uvicorn", "httpx", "prometheus_client"):  # a CI stage installs only the package
+        pytest.importorskip(name)
+    from conftest import live_server
+    from jaxinfer.server.app import create_app
+
+    cfg = jaxinfer.ModelConfig.preset("tiny")
+    engine = jaxinfer.AsyncEngine(jaxinfer.Model(cfg, jaxinfer.model.init_params(cfg, jax.random.key(0), scale=0.1)),
+                                  max_slots=4, max_tokens_per_step=64, page_size=8)
+    try:
+        with live_server(create_app(engine, "tiny")) as url:
+            yield url
+    finally:
+        engine.close()
+
+
+def test_bench_serving_over_http_closed_and_open_loop(tiny_server, capsys, tmp_path):
+    bench = load_script("bench_serving")
+    out_json = tmp_path / "http.json"
+    common = ["--url", tiny_server, "--preset", "tiny", "--workload", "fixed", "--num-requests", "6",
+              "--input-len", "8", "--output-len", "5", "--request-timeout", "60"]
+    bench.main([*common, "--concurrency", "1,4", "--json", str(out_json)])
+    out = capsys.readouterr().out
+    assert f"{tiny_server}: model tiny (context 512)" in out and "concurrency 1,4" in out
+    assert "http c=1 " in out and "http c=4 " in out and out.count("6 of 6 completed, 0 failed") == 2
+    result = json.loads(out_json.read_text())
+    runs = result["runs"]
+    assert list(runs) == ["http c=1", "http c=4"] and result["server"]["model"] == "tiny"
+    for run in runs.values():
+        assert (run["completed"], run["failed"], run["output_tokens"]) == (6, 0, 6 * 5)
+        assert run["ttft_s"]["mean"] > 0 and run["e2e_s"]["mean"] >= run["ttft_s"]["mean"]
+    # Open loop: Poisson arrivals, the schedule saved and replayed.
+    schedule = tmp_path / "schedule.json"
+    bench.main([*common, "--rate", "50", "--save-schedule", str(schedule), "--json", str(out_json)])
+    out = capsys.readouterr().out
+    assert "http rate 50 " in out and "TTFT" in out and "goodput" in out and "6 of 6 completed, 0 failed" in out
+    run = json.loads(out_json.read_text())["runs"]["http rate 50"]
+    assert (run["completed"], run["output_tokens"]) == (6, 30)
+    bench.main(["--url", tiny_server, "--preset", "tiny", "--load-schedule", str(schedule)])
+    assert "6 requests" in capsys.readouterr().out
+
+
+def test_bench_serving_counts_failed_requests_and_goes_on(tiny_server, capsys, tmp_path):
+    bench = load_script("bench_serving")
+    out_json = tmp_path / "failed.json"
+    # The default preset's vocabulary is far above the tiny model's 256: every prompt is a 400 naming it.
+    bench.main(["--url", tiny_server, "--workload", "fixed", "--num-requests", "3", "--input-len", "8",
+                "--output-len", "4", "--concurrency", "2", "--json", str(out_json)])
+    out = capsys.readouterr().out
+    assert "http c=2               no request completed" in out and "0 of 3 completed, 3 failed; 1 x HTTP 400" in out
+    run = json.loads(out_json.read_text())["runs"]["http c=2"]
+    assert (run["completed"], run["failed"]) == (0, 3)
+
+
+def test_bench_serving_exits_2_naming_an_unreachable_url(capsys):
+    pytest.importorskip("httpx")
+    import socket
+
+    with socket.socket() as s:  # a free port: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(SystemExit) as e:
+        load_script("bench_serving").main(["--url", url, "--preset", "tiny", "--num-requests", "2"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and url in err, err

@@ -1,60 +1,91 @@
 """The OpenAI-compatible HTTP app (FastAPI) on an AsyncEngine: routes, errors in OpenAI's shape, server-sent events.
 
-    app = create_app(async_engine, model_name="smollm2")
-    uvicorn.run(app, host="127.0.0.1", port=8000)
+    app = create_app(async_engine, model_name="smollm2", api_key=None, max_waiting=256)
+    jaxinfer.server.serve.run(app, host="127.0.0.1", port=8000)    # SIGTERM drains, then exits 0
 
 Every request's prompt is tokenized here (so `usage` counts what the engine computes), then each of its choices is
-one engine request; a stream interleaves the choices' tokens as they come. A client gone mid-stream cancels the
-response's task, which aborts its engine requests (AsyncEngine's streams abort when closed early). A bad body is a
-400 naming the field; nothing about it reaches the engine.
+one engine request; a stream interleaves the choices' tokens as they come. A client gone cancels the response's
+work, which aborts its engine requests (streamed or not). A bad body is a 400 naming the field; nothing about it
+reaches the engine. In front of every route a gate answers 503 while the server drains, 401 without the API key
+(`/health` and `/metrics` stay open) and counts the requests in flight (what a drain waits for); a body over
+`max_body_bytes` is a 413 and a request that would queue more than `max_waiting` beyond the engine's slots a 429.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hmac
 import json
 import time
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from jaxinfer.engine.async_engine import AsyncEngine, EngineDeadError
 from jaxinfer.errors import ParameterError
+from jaxinfer.server import DEFAULT_MAX_WAITING
+from jaxinfer.server import metrics as metrics_lib
 from jaxinfer.server import protocol
 from jaxinfer.server.protocol import ProtocolError
 
+DEFAULT_MAX_BODY_BYTES = 16 * 2**20
+OPEN_PATHS = frozenset({"/health", "/metrics"})  # answered without the API key
 
 
-def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
+@dataclasses.dataclass
+class ServerState:
+    draining: bool = False  # set by the SIGTERM drain (serve.py): every new request gets a 503
+    in_flight: int = 0  # HTTP requests being answered, a stream until its last event
+    stats: metrics_lib.ServerStats = dataclasses.field(default_factory=metrics_lib.ServerStats)
+
+
+def create_app(
+    engine: AsyncEngine, model_name: str, *, api_key: str | None = None, max_waiting: int = DEFAULT_MAX_WAITING,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:
     app = FastAPI(title="jaxinfer", docs_url=None, redoc_url=None)
+    state = app.state.server = ServerState()
     tokenizer = engine.engine.tokenizer
     max_model_len = engine.engine.max_model_len
+    queue_limit = engine.engine.max_slots + max_waiting
+
+    def token_text(token_id: int) -> str:  # a logprobs entry's token
+        return tokenizer.decode([token_id], skip_special_tokens=False) if tokenizer else f"token_id:{token_id}"
+
+    app.add_middleware(_Gate, state=state, api_key=api_key)
 
     @app.exception_handler(ProtocolError)
     async def _protocol_error(request: Request, e: ProtocolError):
-        kind = "invalid_request_error" if e.status < 500 else "server_error"
-        return JSONResponse(protocol.error_body(e.message, kind, e.param, e.code), status_code=e.status)
+        return _error(e.status, e.message, e.param, e.code)
 
     @app.exception_handler(ParameterError)
     async def _parameter_error(request: Request, e: ParameterError):  # a check below the protocol's own
-        return JSONResponse(protocol.error_body(str(e), "invalid_request_error", e.param), status_code=400)
+        return _error(400, str(e), e.param)
 
     @app.exception_handler(EngineDeadError)
     async def _engine_dead(request: Request, e: EngineDeadError):
-        return JSONResponse(protocol.error_body(str(e), "server_error"), status_code=503)
+        return _error(503, str(e))
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, e: HTTPException):
-        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return JSONResponse(protocol.error_body(str(e.detail), kind), status_code=e.status_code)
+        return _error(e.status_code, str(e.detail))
+
+    async def body_of(request: Request) -> dict:
+        return await _body(request, model_name, max_body_bytes)
 
     @app.get("/health")
     async def health():
         if engine.dead:
-            return JSONResponse(protocol.error_body("the engine stopped", "server_error"), status_code=503)
+            return _error(503, "the engine stopped")
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        body = metrics_lib.render(engine.metrics(), state.stats, model_name)
+        return Response(body, media_type=metrics_lib.CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models():
@@ -68,31 +99,105 @@ def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await _body(request, model_name)
-        parsed = protocol.parse_completion(body)
+        parsed = protocol.parse_completion(await body_of(request))
         prompts = [_prompt_ids(c.prompt, tokenizer) for c in parsed.choices]
-        return await _respond(engine, parsed, prompts, parsed.max_tokens, model_name, chat=False)
+        return await respond(request, parsed, prompts, parsed.max_tokens, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await _body(request, model_name)
-        parsed, messages = protocol.parse_chat(body)
-        if tokenizer is None or tokenizer.chat_template is None:
-            raise ProtocolError("messages", f"the model {model_name!r} has no chat template; use /v1/completions")
-        ids = tokenizer.encode_chat(messages, add_generation_prompt=True)
+        parsed, messages = protocol.parse_chat(await body_of(request))
+        ids = _chat_ids(messages, tokenizer, model_name)
         max_tokens = parsed.max_tokens if parsed.max_tokens is not None else max(max_model_len - len(ids), 1)
-        return await _respond(engine, parsed, [ids] * len(parsed.choices), max_tokens, model_name, chat=True)
+        return await respond(request, parsed, [ids] * len(parsed.choices), max_tokens, chat=True)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        text, messages, add_special_tokens, add_generation_prompt = protocol.parse_tokenize(await body_of(request))
+        if messages is not None:
+            ids = _chat_ids(messages, tokenizer, model_name, add_generation_prompt)
+        else:
+            ids = _prompt_ids(text, tokenizer, add_special_tokens)
+        return {"count": len(ids), "max_model_len": max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        ids = protocol.parse_detokenize(await body_of(request), engine.engine.model.cfg.vocab_size)
+        if tokenizer is None:
+            raise ProtocolError("tokens", f"the model {model_name!r} has no tokenizer")
+        return {"prompt": tokenizer.decode(ids, skip_special_tokens=False)}
+
+    async def respond(request: Request, parsed: protocol.ParsedRequest, prompts, max_tokens: int, chat: bool):
+        _check(engine, parsed, prompts, max_tokens, chat, queue_limit)
+        opened = _Opened(engine, state.stats, parsed, prompts, max_tokens)
+        rid = protocol.new_id("chatcmpl" if chat else "cmpl")
+        if parsed.stream:  # the engine requests are queued once the response starts: a client gone before, none
+            events = _events(opened, parsed, rid, model_name, chat, token_text)
+            return StreamingResponse(events, media_type="text/event-stream")
+        streams = opened.open()
+        try:
+            results = await _unless_disconnected(request, asyncio.gather(*(_collect(s) for s in streams)))
+        finally:
+            opened.close()
+        if results is None:
+            return Response(status_code=499)  # nobody reads it
+        choices = [(c.index, text, reason, protocol.logprobs_object(entries, token_text, chat))
+                   for c, (text, _, reason, entries) in zip(parsed.choices, results)]
+        use = protocol.usage(opened.prompt_tokens, sum(n for _, n, _, _ in results))
+        return protocol.completion_response(rid, model_name, choices, use, chat)
 
     return app
+
+
+class _Gate:
+    """Plain ASGI middleware before every route: 503 while draining (all but /metrics), 401 without the API key
+    (all but OPEN_PATHS), and the count of requests in flight."""
+
+    def __init__(self, app, state: ServerState, api_key: str | None):
+        self.app, self.state = app, state
+        self.api_key = None if api_key is None else api_key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if self.state.draining and path != "/metrics":
+            return await _error(503, "the server is shutting down", code="shutting_down")(scope, receive, send)
+        if self.api_key is not None and path not in OPEN_PATHS and not self._authorized(scope):
+            return await _error(401, "a missing or wrong API key: send Authorization: Bearer <the server's "
+                                     "--api-key>", code="invalid_api_key")(scope, receive, send)
+        self.state.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.state.in_flight -= 1
+
+    def _authorized(self, scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, key = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(key.strip(), self.api_key)
+
+
+def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(protocol.error_body(message, protocol.error_type(status), param, code), status_code=status)
 
 
 def _model_card(name: str, max_model_len: int) -> dict:
     return {"id": name, "object": "model", "created": 0, "owned_by": "jaxinfer", "max_model_len": max_model_len}
 
 
-async def _body(request: Request, model_name: str) -> dict:
+async def _body(request: Request, model_name: str, max_bytes: int) -> dict:
+    """The JSON object of a body of at most max_bytes (a 413 past it, told by Content-Length or while reading)."""
+    length = request.headers.get("content-length", "")
+    too_large = ProtocolError(None, f"the body is over this server's limit of {max_bytes} bytes", 413)
+    if length.isdigit() and int(length) > max_bytes:
+        raise too_large
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > max_bytes:
+            raise too_large
     try:
-        body = json.loads(await request.body())
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ProtocolError(None, f"the body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
@@ -104,16 +209,23 @@ async def _body(request: Request, model_name: str) -> dict:
     return body
 
 
-def _prompt_ids(prompt, tokenizer) -> list[int]:
+def _prompt_ids(prompt, tokenizer, add_special_tokens: bool = True) -> list[int]:
     if isinstance(prompt, list):
         return prompt
     if tokenizer is None:
         raise ProtocolError("prompt", "this model has no tokenizer: give the prompt as token ids")
-    return tokenizer.encode(prompt)
+    return tokenizer.encode(prompt, add_special_tokens)
 
 
-def _open_streams(engine: AsyncEngine, parsed: protocol.ParsedRequest, prompts, max_tokens: int, chat: bool):
-    """One engine stream per choice, all checked before any is queued: a bad one is a 400 and queues nothing."""
+def _chat_ids(messages: list[dict], tokenizer, model_name: str, add_generation_prompt: bool = True) -> list[int]:
+    if tokenizer is None or tokenizer.chat_template is None:
+        raise ProtocolError("messages", f"the model {model_name!r} has no chat template; use /v1/completions")
+    return tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+
+
+def _check(engine: AsyncEngine, parsed: protocol.ParsedRequest, prompts, max_tokens: int, chat: bool,
+           queue_limit: int) -> None:
+    """Every choice checked before any is queued: a bad one is a 400 (a full queue a 429) and queues nothing."""
     prompt_param, context = "messages" if chat else "prompt", engine.engine.max_model_len
     for ids in prompts:  # the context named as the API's fields: the prompt alone, or what max_tokens adds to it
         if len(ids) >= context:
@@ -124,57 +236,113 @@ def _open_streams(engine: AsyncEngine, parsed: protocol.ParsedRequest, prompts, 
     try:
         for ids in prompts:
             engine.engine.check_request(ids, parsed.sampling, max_tokens, parsed.stop)
-        return [engine.stream(ids, parsed.sampling, max_tokens, parsed.stop, c.seed)
-                for ids, c in zip(prompts, parsed.choices)]
     except ParameterError as e:  # the engine's names -> the API's
         names = {"max_new_tokens": parsed.max_tokens_param, "prompt": prompt_param}
         message = str(e).replace("max_new_tokens", parsed.max_tokens_param)
         raise ProtocolError(names.get(e.param, e.param), message) from None
-    except EngineDeadError as e:
-        raise ProtocolError(None, str(e), 503) from None
+    if engine.dead:
+        raise ProtocolError(None, "the engine stopped", 503)
+    if engine.num_unfinished + len(prompts) > queue_limit:
+        raise ProtocolError(None, f"the server is at its limit of {queue_limit} requests (its slots and "
+                            f"--max-waiting); retry later", 429, "rate_limit_exceeded")
 
 
-async def _respond(engine, parsed, prompts, max_tokens, model_name, chat: bool):
-    streams = _open_streams(engine, parsed, prompts, max_tokens, chat)
-    prompt_tokens = sum(len(p) for p in prompts)
-    rid = protocol.new_id("chatcmpl" if chat else "cmpl")
-    if parsed.stream:
-        events = _events(streams, parsed, rid, model_name, prompt_tokens, chat)
-        return StreamingResponse(events, media_type="text/event-stream")
-    results = await asyncio.gather(*(_collect(s) for s in streams))
-    choices = [(c.index, text, reason) for c, (text, _, reason) in zip(parsed.choices, results)]
-    use = protocol.usage(prompt_tokens, sum(n for _, n, _ in results))
-    return protocol.completion_response(rid, model_name, choices, use, chat)
+class _Opened:
+    """A checked request's engine streams, queued by open(): one per choice, each counted into the server's stats
+    (prompt and generated tokens, finish reason, end-to-end latency); close() aborts what has not finished."""
 
+    def __init__(self, engine: AsyncEngine, stats: metrics_lib.ServerStats, parsed, prompts, max_tokens: int):
+        self.engine, self.stats, self.parsed, self.prompts, self.max_tokens = engine, stats, parsed, prompts, max_tokens
+        self.prompt_tokens = sum(len(p) for p in prompts)
+        self.streams, self.finished = [], []
 
-async def _collect(stream) -> tuple[str, int, str]:
-    """-> (text, tokens, finish_reason) of one choice."""
-    pieces, tokens, reason = [], 0, None
-    async with contextlib.aclosing(stream):
+    def open(self) -> list:
+        p = self.parsed
+        self.streams = [self.engine.stream(ids, p.sampling, self.max_tokens, p.stop, c.seed, logprobs=p.logprobs)
+                        for ids, c in zip(self.prompts, p.choices)]
+        self.finished = [False] * len(self.streams)
+        self.stats.prompt_tokens += self.prompt_tokens
+        return [self._counted(i, s) for i, s in enumerate(self.streams)]
+
+    async def _counted(self, i: int, stream):
+        start = time.perf_counter()
         async for out in stream:
-            pieces.append(out.text or "")
-            tokens += len(out.new_token_ids)
-            reason = out.finish_reason
-    return "".join(pieces), tokens, _finish(reason)
+            self.stats.generation_tokens += len(out.new_token_ids)
+            if out.finish_reason is not None:
+                self.finished[i] = True
+                self.stats.finished[out.finish_reason] += 1
+                self.stats.e2e.observe(time.perf_counter() - start)
+            yield out
+
+    def close(self) -> None:
+        """Abort every choice not finished (a client gone, an engine error), started or not. Synchronous: it runs
+        in the `finally` of a cancelled response, where an await would be cancelled again."""
+        for i, stream in enumerate(self.streams):
+            stream.abort()
+            if not self.finished[i]:
+                self.finished[i] = True
+                self.stats.finished["abort"] += 1
+
+
+async def _unless_disconnected(request: Request, work):
+    """Await `work` -> its result, or None (the work cancelled, aborting its requests) once the client is gone."""
+    work = asyncio.ensure_future(work)
+
+    async def disconnected():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+            return None
+    return work.result()
+
+
+async def _collect(stream) -> tuple[str, int, str, list | None]:
+    """-> (text, tokens, finish_reason, TokenLogprobs of each token or None) of one choice."""
+    pieces, tokens, reason, logprobs = [], 0, None, None
+    async for out in stream:
+        pieces.append(out.text or "")
+        tokens += len(out.new_token_ids)
+        reason = out.finish_reason
+        if out.logprobs is not None:
+            logprobs = (logprobs or []) + out.logprobs
+    return "".join(pieces), tokens, _finish(reason), logprobs
 
 
 def _finish(reason: str | None) -> str:
     return "stop" if reason in (None, "stop", "abort") else reason
 
 
-async def _events(streams, parsed, rid, model_name, prompt_tokens, chat: bool):
-    """Server-sent events: each choice's pieces as they come, then (include_usage) the usage chunk, then [DONE]."""
+async def _events(opened: _Opened, parsed, rid, model_name, chat: bool, token_text):
+    """Server-sent events: each choice's pieces as they come, then (include_usage) the usage chunk, then [DONE].
+    The engine stopping mid-stream is an error event (the status line has gone already)."""
     created = int(time.time())
     merged: asyncio.Queue = asyncio.Queue()
 
-    async def pump(index: int, stream):
-        async with contextlib.aclosing(stream):
-            async for out in stream:
-                await merged.put((index, out))
-        await merged.put((index, None))
-
     def event(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    try:
+        streams = opened.open()
+    except EngineDeadError as e:
+        yield event(protocol.error_body(str(e), "server_error"))
+        yield "data: [DONE]\n\n"
+        return
+
+    async def pump(index: int, stream):
+        try:
+            async for out in stream:
+                await merged.put((index, out))
+        finally:
+            merged.put_nowait((index, None))
 
     tasks = [asyncio.create_task(pump(c.index, s)) for c, s in zip(parsed.choices, streams)]
     try:
@@ -182,6 +350,7 @@ async def _events(streams, parsed, rid, model_name, prompt_tokens, chat: bool):
             for c in parsed.choices:
                 yield event(protocol.stream_chunk(rid, model_name, created, c.index, None, None, chat, role=True))
         completion_tokens, open_choices = 0, len(tasks)
+        text_offsets = dict.fromkeys((c.index for c in parsed.choices), 0)  # completions' logprobs.text_offset
         while open_choices:
             index, out = await merged.get()
             if out is None:
@@ -189,14 +358,23 @@ async def _events(streams, parsed, rid, model_name, prompt_tokens, chat: bool):
                 continue
             completion_tokens += len(out.new_token_ids)
             reason = None if out.finish_reason is None else _finish(out.finish_reason)
-            if out.text or reason is not None:
-                yield event(protocol.stream_chunk(rid, model_name, created, index, out.text or "", reason, chat))
-        for t in tasks:
-            await t  # re-raises a stream's error (the engine stopped)
-        if parsed.include_usage:
-            use = protocol.usage(prompt_tokens, completion_tokens)
-            yield event(protocol.stream_chunk(rid, model_name, created, None, None, None, chat, use=use))
+            logprobs = protocol.logprobs_object(out.logprobs or None, token_text, chat, text_offsets[index])
+            if logprobs is not None and not chat:
+                text_offsets[index] += sum(len(t) for t in logprobs["tokens"])
+            if out.text or reason is not None or logprobs is not None:
+                yield event(protocol.stream_chunk(rid, model_name, created, index, out.text or "", reason, chat,
+                                                  logprobs=logprobs))
+        try:
+            for t in tasks:
+                await t  # re-raises a stream's error (the engine stopped)
+        except EngineDeadError as e:
+            yield event(protocol.error_body(str(e), "server_error"))
+        else:
+            if parsed.include_usage:
+                use = protocol.usage(opened.prompt_tokens, completion_tokens)
+                yield event(protocol.stream_chunk(rid, model_name, created, None, None, None, chat, use=use))
         yield "data: [DONE]\n\n"
     finally:
-        for t in tasks:  # a client gone: cancelling each pump closes its stream, which aborts the request
+        for t in tasks:  # a client gone
             t.cancel()
+        opened.close()  # aborts the requests not finished
