@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import json
 import signal
@@ -353,16 +354,19 @@ def test_bounded_load_200_requests_at_concurrency_32(served):
         wait_idle(http)
 
 
-def test_sigterm_drains_in_flight_streams_refuses_new_ones_and_exits_0(tiny_chat_model):
+@contextlib.contextmanager
+def serve_process(model_dir, shutdown_timeout: float, max_slots: int = 2):
+    """-> (`jaxinfer serve` as a child process on a free port, an httpx client to it) once /health answers; its
+    output is checked for tracebacks after."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "jaxinfer.cli", "serve", "--model", str(tiny_chat_model), "--port", str(port),
-           "--max-slots", "2", "--max-tokens-per-step", "32", "--shutdown-timeout", "120"]
+    cmd = [sys.executable, "-m", "jaxinfer.cli", "serve", "--model", str(model_dir), "--port", str(port),
+           "--served-model-name", NAME,
+           "--max-slots", str(max_slots), "--max-tokens-per-step", "32", "--shutdown-timeout", str(shutdown_timeout)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
     try:
-        with httpx.Client(base_url=url, timeout=120) as http:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
             deadline = time.monotonic() + 240
             while True:
                 assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
@@ -370,24 +374,55 @@ def test_sigterm_drains_in_flight_streams_refuses_new_ones_and_exits_0(tiny_chat
                     if http.get("/health").status_code == 200:
                         break
                 time.sleep(0.2)
-            body = {"prompt": "Once upon a time", "max_tokens": 200, "stream": True, "ignore_eos": True,
-                    "stream_options": {"include_usage": True}}
-            with http.stream("POST", "/v1/completions", json=body) as r:
-                lines = r.iter_lines()
-                assert next(lines).startswith("data: ")
-                proc.send_signal(signal.SIGTERM)
-                while http.get("/health").status_code != 503:
-                    assert time.monotonic() < deadline
-                refused = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
-                assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
-                events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
-            assert events[-1]["usage"]["completion_tokens"] == 200  # the stream ran to its end
-            assert proc.wait(timeout=120) == 0
+            yield proc, http
     finally:
         if proc.poll() is None:
             proc.kill()
         output = proc.communicate()[0]
-    assert "Draining" in output, output
+    assert "Draining" in output and "Traceback" not in output, output
+
+
+def sigterm_and_see_503s(proc, http) -> None:
+    proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while http.get("/health").status_code != 503:
+        assert time.monotonic() < deadline
+    refused = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+
+
+def test_sigterm_drains_in_flight_streams_refuses_new_ones_and_exits_0(tiny_chat_model):
+    with serve_process(tiny_chat_model, shutdown_timeout=120) as (proc, http):
+        body = {"prompt": "Once upon a time", "max_tokens": 200, "stream": True, "ignore_eos": True,
+                "stream_options": {"include_usage": True}}
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            sigterm_and_see_503s(proc, http)
+            events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        assert events[-1]["usage"]["completion_tokens"] == 200  # the stream ran to its end
+        assert proc.wait(timeout=120) == 0
+
+
+def test_what_outlasts_the_shutdown_timeout_is_cut_short_cleanly(tiny_chat_model):
+    """Two requests of 16 choices of 200 tokens on 1 slot (several seconds of decoding), streamed and not, against a
+    1 s drain: the stream ends with an error event, the other gets a 503, the process exits 0."""
+    long = {"prompt": "Once upon a time", "max_tokens": 200, "n": 16, "ignore_eos": True}
+    with serve_process(tiny_chat_model, shutdown_timeout=1, max_slots=1) as (proc, http):
+        with http.stream("POST", "/v1/completions", json={**long, "stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                unstreamed = pool.submit(http.post, "/v1/completions", json=long)
+                deadline = time.monotonic() + 30
+                while scrape(http)["jaxinfer:num_requests_waiting"] < 16 + 15:  # both queued
+                    assert time.monotonic() < deadline and not unstreamed.done()
+                sigterm_and_see_503s(proc, http)
+                events = [line for line in lines if line]
+                cut = unstreamed.result(timeout=60)
+        assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["error"]["code"] == "shutting_down"
+        assert cut.status_code == 503 and cut.json()["error"]["code"] == "shutting_down", cut.text
+        assert proc.wait(timeout=60) == 0
 
 
 # ------------------------------------------------------------------------------------------------ fuzzing

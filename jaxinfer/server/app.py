@@ -39,6 +39,7 @@ OPEN_PATHS = frozenset({"/health", "/metrics"})  # answered without the API key
 class ServerState:
     draining: bool = False  # set by the SIGTERM drain (serve.py): every new request gets a 503
     in_flight: int = 0  # HTTP requests being answered, a stream until its last event
+    cut: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # the drain's time is up: end them all
     stats: metrics_lib.ServerStats = dataclasses.field(default_factory=metrics_lib.ServerStats)
 
 
@@ -131,11 +132,11 @@ def create_app(
         opened = _Opened(engine, state.stats, parsed, prompts, max_tokens)
         rid = protocol.new_id("chatcmpl" if chat else "cmpl")
         if parsed.stream:  # the engine requests are queued once the response starts: a client gone before, none
-            events = _events(opened, parsed, rid, model_name, chat, token_text)
+            events = _events(opened, parsed, rid, model_name, chat, token_text, state.cut)
             return StreamingResponse(events, media_type="text/event-stream")
         streams = opened.open()
         try:
-            results = await _unless_disconnected(request, asyncio.gather(*(_collect(s) for s in streams)))
+            results = await _unless_cut_short(request, asyncio.gather(*(_collect(s) for s in streams)), state.cut)
         finally:
             opened.close()
         if results is None:
@@ -284,24 +285,33 @@ class _Opened:
                 self.stats.finished["abort"] += 1
 
 
-async def _unless_disconnected(request: Request, work):
-    """Await `work` -> its result, or None (the work cancelled, aborting its requests) once the client is gone."""
+CUT_MESSAGE = "the server shut down before this request finished"
+
+
+async def _unless_cut_short(request: Request, work, cut: asyncio.Event):
+    """Await `work` -> its result; None once the client is gone, a 503 once the drain's time is up (the work
+    cancelled either way, which aborts its requests)."""
     work = asyncio.ensure_future(work)
 
     async def disconnected():
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    watch = asyncio.ensure_future(disconnected())
+    watches = {asyncio.ensure_future(disconnected()), asyncio.ensure_future(cut.wait())}
     try:
-        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({work, *watches}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        watch.cancel()
-        if not work.done():
+        for watch in watches:
+            watch.cancel()
+        abandoned = not work.done()
+        if abandoned:  # (a cancelled gather reads as done with a CancelledError, not as cancelled)
             work.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await work
-            return None
+    if abandoned:
+        if cut.is_set():
+            raise ProtocolError(None, CUT_MESSAGE, 503, "shutting_down")
+        return None
     return work.result()
 
 
@@ -321,9 +331,10 @@ def _finish(reason: str | None) -> str:
     return "stop" if reason in (None, "stop", "abort") else reason
 
 
-async def _events(opened: _Opened, parsed, rid, model_name, chat: bool, token_text):
+async def _events(opened: _Opened, parsed, rid, model_name, chat: bool, token_text, cut: asyncio.Event):
     """Server-sent events: each choice's pieces as they come, then (include_usage) the usage chunk, then [DONE].
-    The engine stopping mid-stream is an error event (the status line has gone already)."""
+    The engine stopping mid-stream, or the drain's time up (`cut`), is an error event (the status line has gone
+    already) before [DONE]."""
     created = int(time.time())
     merged: asyncio.Queue = asyncio.Queue()
 
@@ -344,7 +355,12 @@ async def _events(opened: _Opened, parsed, rid, model_name, chat: bool, token_te
         finally:
             merged.put_nowait((index, None))
 
+    async def cut_short():
+        await cut.wait()
+        merged.put_nowait((None, None))
+
     tasks = [asyncio.create_task(pump(c.index, s)) for c, s in zip(parsed.choices, streams)]
+    watch = asyncio.create_task(cut_short())
     try:
         if chat:
             for c in parsed.choices:
@@ -353,6 +369,10 @@ async def _events(opened: _Opened, parsed, rid, model_name, chat: bool, token_te
         text_offsets = dict.fromkeys((c.index for c in parsed.choices), 0)  # completions' logprobs.text_offset
         while open_choices:
             index, out = await merged.get()
+            if index is None:
+                yield event(protocol.error_body(CUT_MESSAGE, "server_error", code="shutting_down"))
+                yield "data: [DONE]\n\n"
+                return
             if out is None:
                 open_choices -= 1
                 continue
@@ -375,6 +395,6 @@ async def _events(opened: _Opened, parsed, rid, model_name, chat: bool, token_te
                 yield event(protocol.stream_chunk(rid, model_name, created, None, None, None, chat, use=use))
         yield "data: [DONE]\n\n"
     finally:
-        for t in tasks:  # a client gone
+        for t in (*tasks, watch):  # a client gone, or done
             t.cancel()
         opened.close()  # aborts the requests not finished

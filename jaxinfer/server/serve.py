@@ -3,9 +3,9 @@
     run(create_app(engine, "smollm2"), host="127.0.0.1", port=8000, shutdown_timeout=30)
 
 The first signal starts the drain: every new request gets a 503 (the app's gate, /health included, so a load
-balancer takes the server out), the requests in flight run on until they finish or `shutdown_timeout` seconds pass,
-then uvicorn shuts down (what is still streaming is cut, its engine requests aborted) and run() returns, so the
-process exits 0. A second signal stops at once. Built on uvicorn.Server's two hooks: `handle_exit` (its signal
+balancer takes the server out), the requests in flight run on until they finish or `shutdown_timeout` seconds pass;
+then what is left is cut short (a stream ends with an error event and [DONE], an unstreamed request gets a 503, their
+engine requests aborted), uvicorn shuts down and run() returns, so the process exits 0. A second signal stops at once. Built on uvicorn.Server's two hooks: `handle_exit` (its signal
 handler; this one does not re-raise the signal after shutdown, as uvicorn's own does, which would exit 143) and
 `on_tick` (its 0.1 s main-loop tick, which ends serving when it returns True).
 """
@@ -18,7 +18,7 @@ import time
 import uvicorn
 
 log = logging.getLogger("uvicorn.error")
-CUT_AFTER_SECONDS = 1.0  # what uvicorn waits for responses still open once the drain is over
+CUT_AFTER_SECONDS = 1.0  # what the cut responses have to send their last events before uvicorn cancels them
 
 
 class DrainingServer(uvicorn.Server):
@@ -27,6 +27,7 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self._state, self.shutdown_timeout = state, shutdown_timeout
         self.drain_deadline: float | None = None
+        self.cut_at: float | None = None
 
     def handle_exit(self, sig, frame) -> None:
         if self.drain_deadline is None:
@@ -39,10 +40,15 @@ class DrainingServer(uvicorn.Server):
 
     async def on_tick(self, counter: int) -> bool:
         should_exit = await super().on_tick(counter)
-        if self.drain_deadline is not None:
-            if self._state.in_flight == 0 or time.monotonic() >= self.drain_deadline:
-                return True
-        return should_exit
+        if self.drain_deadline is None:
+            return should_exit
+        now = time.monotonic()
+        if now >= self.drain_deadline and self.cut_at is None and self._state.in_flight:
+            log.info("Drain time up: cutting %d requests short", self._state.in_flight)
+            self._state.cut.set()
+            self.cut_at = now
+        cut_over = self.cut_at is not None and now >= self.cut_at + CUT_AFTER_SECONDS
+        return should_exit or self._state.in_flight == 0 or cut_over
 
 
 def run(app, host: str, port: int, shutdown_timeout: float, log_level: str = "info") -> None:
