@@ -21,6 +21,7 @@ import dataclasses
 import io
 import json
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -467,6 +468,7 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         raise UsageError(f"jaxinfer serve needs the serve extra ({e.name} is missing): "
                          "python3 -m pip install -e '.[serve]'") from None
+    _check_can_listen(args.host, args.port)  # before a model is loaded and compiled for nothing
     checkpoint, cfg = _open(args)
     model = _load(args, checkpoint, cfg, _context(args, cfg))
     t0 = time.perf_counter()
@@ -479,6 +481,14 @@ def cmd_serve(args) -> int:
     finally:
         engine.close()
     return EXIT_OK
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    try:
+        with socket.create_server((host, port)):  # SO_REUSEADDR, as uvicorn binds
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def cmd_convert(args) -> int:

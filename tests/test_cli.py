@@ -9,6 +9,7 @@ import contextlib
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -467,3 +468,12 @@ def test_chat_turns_find_the_history_in_the_prefix_cache(tiny_chat_model):
             assert hit >= previous_prompt // 16 * 16, (turn, hit, previous_prompt)
         previous_prompt = prompt
     assert len(history.turns) == 3
+
+
+def test_serve_on_a_port_in_use_fails_before_loading_anything():
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = run_cli("serve", "--model", "preset:llama-2-7b", "--port", str(port), timeout=120)
+    assert_error(result, 2, f"cannot listen on 127.0.0.1:{port}", "in use")
