@@ -323,7 +323,8 @@ async def _collect(stream) -> tuple[str, int, str, list | None]:
         tokens += len(out.new_token_ids)
         reason = out.finish_reason
         if out.logprobs is not None:
-            logprobs = (logprobs or []) + out.logprobs
+            logprobs = [] if logprobs is None else logprobs
+            logprobs.extend(out.logprobs)
     return "".join(pieces), tokens, _finish(reason), logprobs
 
 

@@ -9,6 +9,7 @@ Unknown fields are ignored, as OpenAI and vLLM do.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import numbers
 import secrets
@@ -250,7 +251,7 @@ def logprobs_object(entries, token_text, chat: bool, text_offset: int = 0) -> di
         return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
                             for e in entries]}
     tokens = [token_text(e.token_id) for e in entries]
-    offsets = [text_offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    offsets = list(itertools.accumulate(map(len, tokens), initial=text_offset))[:-1]  # where each token starts
     top = [{**{token_text(t): lp for t, lp in e.top}, tokens[i]: e.logprob} for i, e in enumerate(entries)]
     return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": top,
             "text_offset": offsets}
