@@ -10,6 +10,7 @@ from jax.sharding import Mesh
 
 from jaxinfer import compilation_cache, model, progress as progress_lib, sharding
 from jaxinfer.config import ModelConfig
+from jaxinfer.kv_cache import check_kv_cache_dtype
 from jaxinfer.tokenizer import Tokenizer
 
 compilation_cache.enable()  # before anything compiles
@@ -23,11 +24,18 @@ class Model:
     params: model.Params
     tokenizer: Tokenizer | None = None
     mesh: Mesh | None = None  # set: params are split over its tp axis and every step runs under shard_map
+    # How generate and the Engine store this model's KV cache: None (the model's dtype), "int8" or "fp8"
+    # (jaxinfer.kv_cache): 1 + 4 / head_dim and 1 byte per element, against float32's 4.
+    kv_cache_dtype: str | None = None
+
+    def __post_init__(self):
+        check_kv_cache_dtype(self.kv_cache_dtype)
 
 
 def load_model(
     path: str | Path = DEFAULT_MODEL, dtype: str | None = None, tensor_parallel: int = 1, *, progress=False,
     layout: str | None = None,
+    kv_cache_dtype: str | None = None,
 ) -> Model:
     """Load weights, config and tokenizer, all checked before anything is returned.
 
@@ -40,10 +48,14 @@ def load_model(
     progress: True draws a bar on stderr; a callable gets (tensors done, total).
     layout: "scanned" (layer weights stacked, one scan body) or "unrolled" (per layer); None: the platform's
     measured default (jaxinfer.model.DEFAULT_LAYOUT). Tokens and logits are the same either way.
+    kv_cache_dtype: the KV cache's storage (Model.kv_cache_dtype): None, the model's dtype; "int8" (a float32
+    scale per token and kv head) or "fp8" (e4m3, a float32 scale per layer), about a quarter of float32's bytes.
     """
     _check_layout(layout)
+    check_kv_cache_dtype(kv_cache_dtype)
     mesh = _mesh(tensor_parallel)  # the config-independent checks first, before any file is read
-    return open_checkpoint(path).load(dtype, mesh=mesh, progress=progress, layout=layout)
+    return open_checkpoint(path).load(dtype, mesh=mesh, progress=progress, layout=layout,
+                                      kv_cache_dtype=kv_cache_dtype)
 
 
 def load_config(path: str | Path = DEFAULT_MODEL, dtype: str | None = None) -> ModelConfig:
@@ -78,11 +90,14 @@ class Checkpoint:
     def load(
         self, dtype: str | None = None, tensor_parallel: int = 1, *, mesh: Mesh | None = None, progress=False,
         layout: str | None = None,
+        kv_cache_dtype: str | None = None,
     ):
         """-> Model, as load_model. mesh: an already made tensor-parallel mesh (else one for tensor_parallel)."""
         _check_layout(layout)
+        check_kv_cache_dtype(kv_cache_dtype)
         cfg, params, tokenizer, mesh = self._load(dtype, tensor_parallel, mesh, progress)
-        return Model(cfg, model.with_layout(params, layout or model.layout_for_platform()), tokenizer, mesh)
+        params = model.with_layout(params, layout or model.layout_for_platform())
+        return Model(cfg, params, tokenizer, mesh, kv_cache_dtype)
 
     def _load(self, dtype, tensor_parallel, mesh, progress):
         from jaxinfer.checkpoints.gguf_file import load_gguf
@@ -130,19 +145,22 @@ def open_checkpoint(path: str | Path = DEFAULT_MODEL) -> Checkpoint:
 def random_model(
     preset: str | ModelConfig, seed: int = 0, dtype: str | None = None, tensor_parallel: int = 1, *,
     layout: str | None = None,
+    kv_cache_dtype: str | None = None,
 ) -> Model:
     """Random weights for a preset name (configs/<name>.json) or a ModelConfig: tests and benchmarks.
 
     tensor_parallel > 1 generates them in place on the mesh: the same values as tensor_parallel=1.
-    layout as for load_model."""
+    layout and kv_cache_dtype as for load_model."""
     _check_layout(layout)
+    check_kv_cache_dtype(kv_cache_dtype)
     cfg = ModelConfig.preset(preset) if isinstance(preset, str) else preset
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
     mesh = _mesh(tensor_parallel)
     key = jax.random.key(seed)
     params = model.init_params(cfg, key) if mesh is None else sharding.init_params(cfg, key, mesh)
-    return Model(cfg, model.with_layout(params, layout or model.layout_for_platform()), mesh=mesh)
+    params = model.with_layout(params, layout or model.layout_for_platform())
+    return Model(cfg, params, mesh=mesh, kv_cache_dtype=kv_cache_dtype)
 
 
 def _check_layout(layout) -> None:

@@ -9,12 +9,16 @@ Backends:
   paged decode attention for T = 1; Triton lowering on GPU); "pallas-interpret": the same kernels through the
   Pallas interpreter (CPU tests).
 None picks DEFAULT_BACKEND for the platform.
+
+A quantized cache (jaxinfer.kv_cache: int8 or fp8 pages with their scales) is read by "xla" and "reference";
+the Pallas kernels read float pages only and refuse one by name.
 """
 
 from __future__ import annotations
 
 import jax
 
+from jaxinfer.kv_cache import kv_cache_dtype_of
 from jaxinfer.xla_attention import blocked_attention
 from pallas_kernels.reference import attention_reference
 
@@ -23,6 +27,7 @@ BACKENDS = ("xla", "reference", "pallas", "pallas-interpret")
 # every platform defaults to plain XLA; make "gpu" -> "pallas" once they are checked compiled on a GPU.
 DEFAULT_BACKEND: dict[str, str] = {}
 FALLBACK_BACKEND = "xla"
+QUANTIZED_CACHE_BACKENDS = ("xla", "reference")  # the backends that read int8 / fp8 pages and their scales
 
 
 def resolve_backend(backend: str | None) -> str:
@@ -33,19 +38,29 @@ def resolve_backend(backend: str | None) -> str:
     return backend
 
 
+def check_backend_reads(backend: str | None, kv_cache_dtype: str | None) -> None:
+    """ValueError naming both unless this attention backend reads a cache of this kv_cache_dtype."""
+    if kv_cache_dtype is not None and resolve_backend(backend) not in QUANTIZED_CACHE_BACKENDS:
+        raise ValueError(f"attention backend={resolve_backend(backend)!r} reads float caches only, not "
+                         f"kv_cache_dtype={kv_cache_dtype!r}; use one of {QUANTIZED_CACHE_BACKENDS}")
+
+
 def attention(
-    q, k_pages, v_pages, page_table, q_positions, kv_lengths, *, sliding_window=None, backend=None, layer=None
+    q, k_pages, v_pages, page_table, q_positions, kv_lengths, *, sliding_window=None, backend=None, layer=None,
+    k_scales=None, v_scales=None,
 ):
     """q [B, T, N, H] at q_positions [B, T] attends to the first kv_lengths [B] cached positions -> [B, T, N, H].
 
     k_pages, v_pages: [K, P, page_size, H], or the stacked [L, K, P, page_size, H] with `layer` the index to read
-    (traced inside the decoder's layer scan)."""
+    (traced inside the decoder's layer scan). k_scales, v_scales: a quantized pool's scales (KVCache's), else None."""
     backend = resolve_backend(backend)
     args = (q, k_pages, v_pages, page_table, q_positions, kv_lengths)
+    scales = {"k_scales": k_scales, "v_scales": v_scales}
     if backend == "xla":
-        return blocked_attention(*args, sliding_window=sliding_window, layer=layer)
+        return blocked_attention(*args, sliding_window=sliding_window, layer=layer, **scales)
     if backend == "reference":
-        return attention_reference(*args, sliding_window=sliding_window, layer=layer)
+        return attention_reference(*args, sliding_window=sliding_window, layer=layer, **scales)
+    check_backend_reads(backend, kv_cache_dtype_of(k_pages))
     # Imported here: loading Pallas costs ~0.6 s at start-up, which the default backend does not need.
     from pallas_kernels.flash_attention import flash_attention
     from pallas_kernels.paged_attention import paged_attention

@@ -36,6 +36,7 @@ from jaxinfer.server import DEFAULT_MAX_WAITING
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 DTYPES = ("float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = ("int8", "fp8")  # jaxinfer.kv_cache.KV_CACHE_DTYPES, here without importing jax
 
 
 class UsageError(ValueError):
@@ -93,6 +94,11 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", choices=DTYPES, help="default: the checkpoint's (float32 for GGUF)")
         p.add_argument("--tensor-parallel", type=_int_in(1, 4096), default=1, help="split over this many devices")
 
+    def kv_cache_args(p):
+        p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None,
+                       help="store the KV cache as int8 (a scale per token and kv head) or fp8 (e4m3, a scale per "
+                            "layer): about a quarter of float32's bytes; default: the model's dtype")
+
     def sampling_args(p):
         p.add_argument("--max-new-tokens", type=_int_in(1, INT32_MAX), default=256)
         p.add_argument("--context", type=_int_in(2, INT32_MAX), help="cap the context below the model's (tokens)")
@@ -105,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="complete one prompt (streamed) or a file of prompts")
     model_args(g)
+    kv_cache_args(g)
     prompt = g.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text")
     prompt.add_argument("--prompt-ids", type=_ids, help="prompt token ids, e.g. '1,2,3'")
@@ -119,11 +126,13 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("chat", help="an interactive conversation (Ctrl-C stops a reply, Ctrl-D quits)")
     model_args(c)
+    kv_cache_args(c)
     c.add_argument("--system", default=None)
     sampling_args(c)
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs: pip install -e '.[serve]')")
     model_args(s)
+    kv_cache_args(s)
     s.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1: this machine only")
     s.add_argument("--port", type=_int_in(0, 65535), default=8000)
     s.add_argument("--served-model-name", default=None, help="the API's model name (default: --model)")
@@ -244,6 +253,7 @@ def _load(args, checkpoint, cfg, context: int) -> jaxinfer.Model:
         model = jaxinfer.random_model(cfg, tensor_parallel=args.tensor_parallel)
     else:
         model = checkpoint.load(args.dtype, args.tensor_parallel, progress=True)
+    model = dataclasses.replace(model, kv_cache_dtype=args.kv_cache_dtype)  # generate, chat and serve have it
     if context < model.cfg.max_position_embeddings:
         model.cfg = model.cfg.replace(max_position_embeddings=context)
     print(f"[loaded {args.model} in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)

@@ -172,13 +172,19 @@ def per_prompt(name: str, value, n: int) -> list:
     return value
 
 
-def _check_attention_backend(attention_backend) -> None:
+def check_attention_backend(attention_backend, kv_cache_dtype: str | None = None) -> None:
+    """ParameterError naming attention_backend unless it is a backend that reads a cache of kv_cache_dtype."""
     if attention_backend is not None and attention_backend not in attention_lib.BACKENDS:
         raise ParameterError("attention_backend", f"must be one of {attention_lib.BACKENDS}", value=attention_backend)
+    backend = attention_lib.resolve_backend(attention_backend)
+    if kv_cache_dtype is not None and backend not in attention_lib.QUANTIZED_CACHE_BACKENDS:
+        reason = (f"reads float caches only, not kv_cache_dtype={kv_cache_dtype!r}; "
+                  f"use one of {attention_lib.QUANTIZED_CACHE_BACKENDS}")
+        raise ParameterError("attention_backend", reason, value=backend)
 
 
 def _runtime(model_, attention_backend) -> Runtime:
-    _check_attention_backend(attention_backend)
+    check_attention_backend(attention_backend, model_.kv_cache_dtype)
     return Runtime(attention_backend=attention_backend, mesh=model_.mesh)
 
 
@@ -206,20 +212,26 @@ def _reserve_pages(
     return allocator.page_table(batch), num_pages
 
 
-def _device_cache(cfg, page_table: np.ndarray, num_pages: int, page_size: int, mesh=None) -> kv_cache.KVCache:
-    """The device cache for a reserved page_table [B, pages_per_seq] (on a mesh: created in place, split by kv head)."""
+def _device_cache(
+    cfg, page_table: np.ndarray, num_pages: int, page_size: int, mesh=None, kv_cache_dtype: str | None = None
+) -> kv_cache.KVCache:
+    """The device cache for a reserved page_table [B, pages_per_seq] (on a mesh: created in place, split by kv head),
+    stored as kv_cache_dtype (None: the model's dtype; "int8" | "fp8": jaxinfer.kv_cache)."""
     batch, pages_per_seq = page_table.shape
-    sizes = {"num_pages": num_pages, "page_size": page_size, "max_seqs": batch, "pages_per_seq": pages_per_seq}
+    sizes = {"num_pages": num_pages, "page_size": page_size, "max_seqs": batch, "pages_per_seq": pages_per_seq,
+             "kv_cache_dtype": kv_cache_dtype}
     cache = kv_cache.init_cache(cfg, **sizes) if mesh is None else sharding.init_cache(cfg, mesh, **sizes)
     return dataclasses.replace(cache, page_table=jnp.asarray(page_table))
 
 
 def allocate_cache(
-    cfg, token_budgets: list[int], batch: int, seq_capacity: int, page_size: int, num_pages: int | None, mesh=None
+    cfg, token_budgets: list[int], batch: int, seq_capacity: int, page_size: int, num_pages: int | None, mesh=None,
+    kv_cache_dtype: str | None = None,
 ):
-    """Allocate pages for each sequence's token budget (all or nothing), then build the device cache."""
+    """Allocate pages for each sequence's token budget (all or nothing), then build the device cache (stored as
+    kv_cache_dtype: a Model's kv_cache_dtype)."""
     page_table, num_pages = _reserve_pages(token_budgets, batch, seq_capacity, page_size, num_pages)
-    return _device_cache(cfg, page_table, num_pages, page_size, mesh)
+    return _device_cache(cfg, page_table, num_pages, page_size, mesh, kv_cache_dtype)
 
 
 @dataclasses.dataclass
@@ -295,7 +307,8 @@ def _prefill_batch(model_, request: _Request) -> _PrefilledBatch:
     token_lists = request.token_lists
     n = len(token_lists)
     B = request.page_table.shape[0]
-    cache = _device_cache(cfg, request.page_table, request.num_pages, request.page_size, model_.mesh)
+    cache = _device_cache(cfg, request.page_table, request.num_pages, request.page_size, model_.mesh,
+                          model_.kv_cache_dtype)
 
     tokens, positions = _padded_batch(token_lists, B, request.chunk * request.num_chunks)
     seq_ids = jnp.arange(B, dtype=jnp.int32)
@@ -437,7 +450,7 @@ def score(
         raise ParameterError("token_ids", reason)
     T, num_chunks = prompt_chunks(len(ids), prefill_chunk)
     page_table, num_pages = _reserve_pages([len(ids)], 1, bucket(len(ids), MIN_CAPACITY_BUCKET), page_size, None)
-    cache = _device_cache(cfg, page_table, num_pages, page_size, model_.mesh)
+    cache = _device_cache(cfg, page_table, num_pages, page_size, model_.mesh, model_.kv_cache_dtype)
     tokens, positions = _padded_batch([ids], 1, T * num_chunks)
     seq_ids = jnp.zeros((1,), jnp.int32)
     out = []

@@ -270,9 +270,10 @@ def _join_tokens(parts: list[jax.Array]) -> jax.Array:
     return flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=1)
 
 
-def attention_block(layer, cfg, x, inv_freq, k_pages, v_pages, groups, write_to, index, backend):
-    """x [1, N, D] (every group's tokens) -> ([1, N, D], k_pages, v_pages): project, rotate, write layer `index` of
-    the stacked cache [L, K, P, page_size, H] at write_to (page, slot) [1, N], attend group by group, project out."""
+def attention_block(layer, cfg, x, inv_freq, pool, groups, write_to, index, backend):
+    """x [1, N, D] (every group's tokens) -> ([1, N, D], pool): project, rotate, write layer `index` of the stacked
+    cache pool (kv_cache.Pool: pages [L, K, P, page_size, H], and scales when quantized) at write_to (page, slot)
+    [1, N], attend group by group, project out."""
     q = jnp.einsum("BTD,DNH->BTNH", x, layer.wq)
     k = jnp.einsum("BTD,DKH->BTKH", x, layer.wk)
     v = jnp.einsum("BTD,DKH->BTKH", x, layer.wv)
@@ -283,11 +284,11 @@ def attention_block(layer, cfg, x, inv_freq, k_pages, v_pages, groups, write_to,
     k = apply_rope(k, positions, inv_freq)
     # Every group's K/V in one scatter, before any group attends: a write between two groups' reads of the pool
     # made XLA copy the whole pool (every layer's pages) in each layer rather than update it in place.
-    k_pages, v_pages = kv_cache.write_at(k_pages, v_pages, k, v, *write_to, index)
+    pool = kv_cache.write_at(pool, k, v, *write_to, index)
     outs = [
         attn.attention(
-            qg, k_pages, v_pages, g.page_table, g.positions, g.kv_lengths, sliding_window=cfg.sliding_window,
-            backend=backend, layer=index,
+            qg, pool.k_pages, pool.v_pages, g.page_table, g.positions, g.kv_lengths, sliding_window=cfg.sliding_window,
+            backend=backend, layer=index, k_scales=pool.k_scales, v_scales=pool.v_scales,
         )  # [B, T, N, H]
         for g, qg in zip(groups, _split_tokens(q, groups))
     ]
@@ -295,22 +296,20 @@ def attention_block(layer, cfg, x, inv_freq, k_pages, v_pages, groups, write_to,
     _, T, N, H = o.shape
     # One [1, T, N*H] x [N*H, D] matmul: contracting (N, H) as two dims made XLA:CPU transpose-copy wo every step.
     out = jnp.einsum("BTE,ED->BTD", o.reshape(1, T, N * H), layer.wo.reshape(N * H, -1))
-    return out, k_pages, v_pages
+    return out, pool
 
 
-def decoder_layer(layer, cfg, x, k_pages, v_pages, index, *, groups, write_to, inv_freq, backend, tp_axis):
+def decoder_layer(layer, cfg, x, pool, index, *, groups, write_to, inv_freq, backend, tp_axis):
     """One layer: x [1, N, D] -> x [1, N, D], with this chunk's K/V written into layer `index` of the cache;
     groups: a _GroupKeys per group of rows, in the order of their tokens in x; write_to: where each token's K/V
     goes, kv_cache.page_addresses' (page, slot) [1, N]."""
     with jax.named_scope("attention"):
         h = rms_norm(x, layer.attn_norm, cfg.norm_eps)
-        h, k_pages, v_pages = attention_block(
-            layer, cfg, h, inv_freq, k_pages, v_pages, groups, write_to, index, backend
-        )
+        h, pool = attention_block(layer, cfg, h, inv_freq, pool, groups, write_to, index, backend)
         x = x + all_reduce(h, tp_axis)
     with jax.named_scope("mlp"):
         x = x + all_reduce(mlp(layer, rms_norm(x, layer.mlp_norm, cfg.norm_eps)), tp_axis)
-    return x, k_pages, v_pages
+    return x, pool
 
 
 # The unrolled layout calls its layers through one jit: every layer has the same shapes, so the layer is traced
@@ -367,28 +366,28 @@ def forward_rows(
                       tp_axis=tp_axis)
     with jax.named_scope("embed"):
         x = embed_lookup(params.embed, _join_tokens([r.tokens for r in rows]), tp_axis)  # [1, N, D]
-    k_pages, v_pages = cache.k_pages, cache.v_pages  # [L, K, P, page_size, H]
+    pool = cache.pool  # pages [L, K, P, page_size, H] (and a quantized cache's scales)
     if isinstance(params.layers, tuple):
         for i, layer in enumerate(params.layers):
             with jax.named_scope(f"layer_{i}"):
-                x, k_pages, v_pages = _decoder_layer_call(layer, cfg, x, k_pages, v_pages, jnp.int32(i), **layer_args)
+                x, pool = _decoder_layer_call(layer, cfg, x, pool, jnp.int32(i), **layer_args)
     else:
         # The whole stacked cache is carried (the scatter of each layer's K/V into it is in place); the weights are
         # scanned over, layer i's slice in the body. In a trace, each iteration of the scan's while loop is a layer.
         def body(carry, layer_and_index):
-            x, k_pages, v_pages = carry
+            x, pool = carry
             layer, i = layer_and_index
             with jax.named_scope("layer"):
-                return decoder_layer(layer, cfg, x, k_pages, v_pages, i, **layer_args), None
+                return decoder_layer(layer, cfg, x, pool, i, **layer_args), None
 
         indices = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        (x, k_pages, v_pages), _ = jax.lax.scan(body, (x, k_pages, v_pages), (params.layers, indices))
+        (x, pool), _ = jax.lax.scan(body, (x, pool), (params.layers, indices))
     x = rms_norm(x, params.final_norm, cfg.norm_eps)
     lengths = cache.lengths
     for r, g in zip(rows, groups):  # a row without tokens (padding) leaves its sequence's length alone
         written = jnp.where(jnp.max(r.positions, axis=1) >= 0, r.seq_ids, lengths.shape[0])  # [B]
         lengths = lengths.at[written].set(g.kv_lengths, mode="drop")
-    cache = kv_cache.KVCache(k_pages=k_pages, v_pages=v_pages, page_table=cache.page_table, lengths=lengths)
+    cache = cache.with_pool(pool, lengths)
     return tuple(_split_tokens(x, groups)), cache
 
 

@@ -55,6 +55,10 @@ RULES: dict[str, str | None] = {
     "page_slots": None,
 }
 CACHE_PAGE_AXES = ("layers", "cache_kv_heads", "pages", "page_slots", "head_dim")  # k/v_pages [L, K, P, page_size, H]
+CACHE_SCALE_AXES = {  # a quantized cache's k/v_scales, split with the pages' kv heads
+    "int8": ("layers", "cache_kv_heads", "pages", "page_slots"),  # [L, K, P, page_size]: one per K/V vector
+    "fp8": ("layers",),  # [L]: one per layer
+}
 
 
 def make_mesh(tensor_parallel: int, devices=None) -> Mesh:
@@ -122,14 +126,17 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh) -> model.Params:
     return jax.tree.map(lambda p: NamedSharding(mesh, p), param_pspecs(cfg, tp_size(mesh)))
 
 
-def _cache_pspecs() -> kv_cache.KVCache:
+def _cache_pspecs(kv_cache_dtype: str | None = None) -> kv_cache.KVCache:
     pages = P(*(RULES[a] for a in CACHE_PAGE_AXES))
-    return kv_cache.KVCache(k_pages=pages, v_pages=pages, page_table=P(), lengths=P())
+    scales = None if kv_cache_dtype is None else P(*(RULES[a] for a in CACHE_SCALE_AXES[kv_cache_dtype]))
+    return kv_cache.KVCache(k_pages=pages, v_pages=pages, page_table=P(), lengths=P(), k_scales=scales,
+                            v_scales=scales)
 
 
-def cache_shardings(mesh: Mesh) -> kv_cache.KVCache:
-    """The KVCache pytree with a NamedSharding at every leaf: pages split by kv head, page table replicated."""
-    return jax.tree.map(lambda p: NamedSharding(mesh, p), _cache_pspecs())
+def cache_shardings(mesh: Mesh, kv_cache_dtype: str | None = None) -> kv_cache.KVCache:
+    """The KVCache pytree with a NamedSharding at every leaf: pages (and int8 scales) split by kv head, page table
+    replicated."""
+    return jax.tree.map(lambda p: NamedSharding(mesh, p), _cache_pspecs(kv_cache_dtype))
 
 
 def vocab_split(mesh: Mesh) -> NamedSharding:
@@ -152,15 +159,16 @@ def init_params(cfg: ModelConfig, key: jax.Array, mesh: Mesh) -> model.Params:
     return init(cfg, key)
 
 
-def init_cache(cfg: ModelConfig, mesh: Mesh, **sizes) -> kv_cache.KVCache:
+def init_cache(cfg: ModelConfig, mesh: Mesh, kv_cache_dtype: str | None = None, **sizes) -> kv_cache.KVCache:
     """kv_cache.init_cache with the kv heads repeated up to tp, created in place on the mesh."""
-    return _cache_initializer(cfg, mesh, tuple(sorted(sizes.items())))()
+    return _cache_initializer(cfg, mesh, tuple(sorted(sizes.items())), kv_cache_dtype)()
 
 
 @functools.lru_cache(maxsize=32)
-def _cache_initializer(cfg: ModelConfig, mesh: Mesh, sizes: tuple):
+def _cache_initializer(cfg: ModelConfig, mesh: Mesh, sizes: tuple, kv_cache_dtype: str | None):
     stored = cfg.replace(num_kv_heads=cache_kv_heads(cfg, tp_size(mesh)))
-    return jax.jit(lambda: kv_cache.init_cache(stored, **dict(sizes)), out_shardings=cache_shardings(mesh))
+    return jax.jit(lambda: kv_cache.init_cache(stored, **dict(sizes), kv_cache_dtype=kv_cache_dtype),
+                   out_shardings=cache_shardings(mesh, kv_cache_dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +235,7 @@ def forward_rows(params, cfg, rows, cache, *, runtime: Runtime = DEFAULT_RUNTIME
             _local_params(params, cfg, tp), cfg, rows, cache, runtime=runtime, tp_axis=_collective_axis(mesh)
         )
 
-    cache_specs = _cache_pspecs()
+    cache_specs = _cache_pspecs(cache.kv_cache_dtype)
     return jax.shard_map(
         local,
         mesh=mesh,

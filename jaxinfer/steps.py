@@ -292,8 +292,16 @@ def _write_slot(slots: SlotRows, slot, sampling: sampling_lib.SamplingArrays, se
 
 def _poison_pages(cache, pages) -> kv_cache.KVCache:
     """pages [P] bool -> those pages' K and V (every layer) set to NaN: a test mode's check that no step reads
-    what a page held before it was handed out again."""
+    what a page held before it was handed out again. int8 pages cannot hold NaN: their codes become the largest
+    and their per-vector scales NaN."""
     mask = pages[None, None, :, None, None]  # [1, 1, P, 1, 1]
+    if cache.kv_cache_dtype == "int8":
+        top = jnp.asarray(kv_cache.INT8_MAX, jnp.int8)
+        return dataclasses.replace(
+            cache, k_pages=jnp.where(mask, top, cache.k_pages), v_pages=jnp.where(mask, top, cache.v_pages),
+            k_scales=jnp.where(mask[..., 0], jnp.nan, cache.k_scales),  # [L, K, P, page_size]
+            v_scales=jnp.where(mask[..., 0], jnp.nan, cache.v_scales),
+        )
     nan = jnp.asarray(jnp.nan, cache.k_pages.dtype)
     return dataclasses.replace(
         cache, k_pages=jnp.where(mask, nan, cache.k_pages), v_pages=jnp.where(mask, nan, cache.v_pages)

@@ -11,6 +11,11 @@ scores at a time, and (visible keys / block_keys) iterations.
 
 float32 throughout at HIGHEST precision, as the reference (XLA:CPU has no batched BF16 x BF16 = F32 dot on
 jax 0.10.2, and parity tests compare against HF in float32).
+
+A quantized pool (jaxinfer.kv_cache: int8 with a scale per K/V vector, fp8 with one per layer) is read as stored:
+each iteration gathers the block's codes and its scales, and the scales go where they factor out of the dots:
+scores = (q . k_code) * s_k per key, and p * s_v per key before p . v_code. The block's float32 copy of the
+codes is the only float temporary; the pool is never dequantized.
 """
 
 from __future__ import annotations
@@ -46,6 +51,13 @@ def _gather_block(pages, page_ids, layer):
     return block.reshape(B, K, n * page_size, H).astype(jnp.float32)
 
 
+def _block_scales(scales, page_ids, layer):
+    """A quantized pool's scales for one block -> [B, K, W] (int8: one per vector) or [] (fp8: one per layer)."""
+    if scales.ndim in (0, 1):  # per tensor: [L] with a layer index, [] without
+        return scales if layer is None else scales[layer]
+    return _gather_block(scales[..., None], page_ids, layer)[..., 0]  # [(L,) K, P, ps, 1] -> [B, K, W]
+
+
 def _varying_like(x: jax.Array, *like: jax.Array) -> jax.Array:
     """x plus an exact zero computed from each of `like` (a sum over none of its elements): inside shard_map it
     then varies over the mesh axes they vary over, as the loop's initial carry must to have the type of what the
@@ -53,6 +65,11 @@ def _varying_like(x: jax.Array, *like: jax.Array) -> jax.Array:
     for a in like:
         x = x + jnp.sum(a.reshape(-1)[:0]).astype(x.dtype)
     return x
+
+
+def _per_key(scales: jax.Array) -> jax.Array:
+    """[B, K, W] -> [B, K, 1, W], against [B, K, Q, W] scores; a per-tensor [] stays []."""
+    return scales if scales.ndim == 0 else scales[:, :, None, :]
 
 
 def visible_range(q_positions, kv_lengths, sliding_window: int | None) -> tuple[jax.Array, jax.Array]:
@@ -69,11 +86,13 @@ def visible_range(q_positions, kv_lengths, sliding_window: int | None) -> tuple[
 
 def blocked_attention(
     q, k_pages, v_pages, page_table, q_positions, kv_lengths, *, sliding_window=None, layer=None,
-    block_keys: int | None = None,
+    block_keys: int | None = None, k_scales=None, v_scales=None,
 ):
     """q [B, T, N, H] at q_positions [B, T] (-1 = padding) -> [B, T, N, H] in q.dtype; rows that see no key -> 0.
 
     block_keys: keys per iteration; None: DEFAULT_BLOCK_KEYS.
+    k_scales, v_scales: a quantized pool's (int8: [(L,) K, P, page_size]; fp8: [L], or [] without a layer);
+    None for float pages.
 
     k_pages, v_pages [K, P, page_size, H], or [L, K, P, page_size, H] with `layer` the index to read.
     page_table [B, pages_per_seq]; kv_lengths [B] keys written per row."""
@@ -102,6 +121,8 @@ def blocked_attention(
         # Slots past a row's length may hold anything (NaN included): zero them so 0 * NaN never appears.
         v = jnp.where(written[:, None, :, None], v, 0.0)
         scores = jnp.einsum("BKQH,BKWH->BKQW", qg, k, precision="highest")
+        if k_scales is not None:
+            scores = scores * _per_key(_block_scales(k_scales, ids, layer))
         mask = written[:, None, None, :] & (s <= qpos)  # [B, 1, Q, W]
         if sliding_window is not None:
             mask &= qpos - s < sliding_window
@@ -112,11 +133,15 @@ def blocked_attention(
         p = jnp.exp(scores - jnp.maximum(m_new, _MASKED / 2)[..., None])  # [B, K, Q, W]
         correction = jnp.exp(m - m_new)  # 1 while a row has seen nothing (both _MASKED)
         denom = denom * correction + jnp.sum(p, axis=-1)
+        if v_scales is not None:  # an unwritten slot's scale may be anything too: zeroed as its v is
+            s_v = _block_scales(v_scales, ids, layer)
+            p = p * _per_key(s_v if s_v.ndim == 0 else jnp.where(written[:, None, :], s_v, 0.0))
         pv = jnp.einsum("BKQW,BKWH->BKQH", p, v, precision="highest")
         return m_new, denom, acc * correction[..., None] + pv
 
     init = tuple(
-        _varying_like(x, q, k_pages, v_pages, page_table, q_positions, kv_lengths)
+        _varying_like(x, q, k_pages, v_pages, page_table, q_positions, kv_lengths,
+                      *(s for s in (k_scales, v_scales) if s is not None))
         for x in (
             jnp.full((B, K, G * T), _MASKED, jnp.float32),
             jnp.zeros((B, K, G * T), jnp.float32),

@@ -30,7 +30,8 @@ from jaxinfer.engine.runner import MAX_LOGPROBS, Runner
 from jaxinfer.engine.scheduler import Scheduler
 from jaxinfer.errors import ParameterError, is_int
 from jaxinfer.generate import (
-    DEFAULT_PAGE_SIZE, DEFAULT_PREFILL_CHUNK, GenerationOutput, check_count, check_token_ids, per_prompt,
+    DEFAULT_PAGE_SIZE, DEFAULT_PREFILL_CHUNK, GenerationOutput, check_attention_backend, check_count, check_token_ids,
+    per_prompt,
 )
 from jaxinfer.sampling_params import SamplingParams, check_seed
 
@@ -120,7 +121,15 @@ class Engine:
         warm_up: bool = True,
         pack_chunks_up_to: int = batch_lib.PACK_CHUNKS_UP_TO,
     ):
-        """warm_up: compile every step program now (a server's choice: no request ever waits for a compile);
+        """num_pages: the pool's pages of page_size tokens (page 0 is the null page); None: every slot can hold
+        DEFAULT_CONTEXT_PER_SLOT tokens at once, and one request a whole context. The pool is stored as the model's
+        kv_cache_dtype (jaxinfer.load_model(..., kv_cache_dtype="int8" | "fp8")): the default pool then holds the same
+        pages in about a quarter of float32's bytes (int8: 1 + 4 / head_dim bytes per element with its scales, fp8:
+        1, float32: 4; metrics()["kv_cache_bytes"]). For about four times the pages in float32's bytes instead, pass
+        num_pages = 4 * metrics()["kv_pages_total"] of a default engine (jaxinfer.kv_cache.bytes_per_token sizes a
+        pool from a byte budget).
+
+        warm_up: compile every step program now (a server's choice: no request ever waits for a compile);
         False compiles each on first use, or when `warm_up(prompt_lengths)` is called (a one-shot command's: it
         pays only for the shapes it meets, before its first token).
 
@@ -139,6 +148,7 @@ class Engine:
             raise ParameterError("pack_chunks_up_to", "must be an int >= 0", value=pack_chunks_up_to)
         if not isinstance(prefix_caching, bool):
             raise ParameterError("prefix_caching", "must be True or False", value=prefix_caching)
+        check_attention_backend(attention_backend, model.kv_cache_dtype)
         pages_per_seq = -(-max_model_len // page_size)
         if num_pages is None:  # every slot DEFAULT_CONTEXT_PER_SLOT tokens at once, and one request a whole context
             per_slot = -(-min(max_model_len, DEFAULT_CONTEXT_PER_SLOT) // page_size)
@@ -386,6 +396,7 @@ class Engine:
             "kv_pages_cached": s.pool.num_cached_free,
             "kv_pages_free": s.pool.num_free - s.pool.num_cached_free,
             "kv_pages_total": s.pool.num_usable,
+            "kv_cache_bytes": self.runner.cache_bytes,  # the device pool as stored (kv_cache_dtype), scales included
             "prefix_cache_queried_tokens": s.counters["prefix_queried_tokens"],
             "prefix_cache_hit_tokens": s.counters["prefix_hit_tokens"],
             "preemptions": s.counters["preemptions"],

@@ -67,11 +67,13 @@ class Runner:
         self.num_pages = num_pages
         self.poison_new_pages = poison_new_pages
         self.pack_chunks_up_to = pack_chunks_up_to
-        sizes = {"num_pages": num_pages, "page_size": page_size, "max_seqs": max_slots, "pages_per_seq": pages_per_seq}
+        sizes = {"num_pages": num_pages, "page_size": page_size, "max_seqs": max_slots, "pages_per_seq": pages_per_seq,
+                 "kv_cache_dtype": model.kv_cache_dtype}  # the pool stored as the model says (jaxinfer.kv_cache)
         if model.mesh is None:
             self.cache = kv_cache.init_cache(self.cfg, **sizes)
         else:  # tensor parallel: the pool split by kv head, as generate's
             self.cache = sharding.init_cache(self.cfg, model.mesh, **sizes)
+        self.cache_bytes = kv_cache.nbytes(self.cache)  # the pool and its scales, over every device
         self.slots = steps.init_slot_rows(max_slots, stop_width, self.cfg.vocab_size)
         if model.mesh is not None:  # where the step leaves them, so the second step runs the first one's program
             replicated = jax.sharding.NamedSharding(model.mesh, jax.sharding.PartitionSpec())
