@@ -172,7 +172,9 @@ class ReferenceLogits:
             meta = json.loads(self.meta_path.read_text())
             differ = [name for name in key if meta.get(name) != key[name]]
             if differ:
-                fail(f"--reference-logits {path!r} was written for another {', '.join(differ)}")
+                parts = ["other tokens" if name == "tokens_sha256" else f"{name} {meta.get(name)!r} (this run: "
+                         f"{key[name]!r})" for name in differ]
+                fail(f"--reference-logits {path!r} was written for {'; '.join(parts)}")
             self.saved = np.load(self.path, mmap_mode="r")
             if self.saved.shape != shape:
                 fail(f"--reference-logits {path!r} holds {self.saved.shape}, this run needs {shape}")

@@ -123,7 +123,7 @@ def test_reference_logits_saved_then_read(tiny, tmp_path, monkeypatch, capsys):
     assert loads == ["int8"]
     assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in first.items() if k != "seconds"}
     err = one_line_error([*argv[:-4], "--ctx", str(CTX // 2), *argv[-2:]], capsys)
-    assert err.endswith("was written for another ctx\n")
+    assert err.endswith(f"was written for ctx {CTX} (this run: {CTX // 2})\n")
 
 
 @pytest.mark.skipif("kv_cache_dtype" not in inspect.signature(jaxinfer.load_model).parameters,
