@@ -24,6 +24,8 @@ _EXPORTS = {
     "Model": "jaxinfer.api",
     "ModelConfig": "jaxinfer.config",
     "PageAllocator": "jaxinfer.page_allocator",
+    "QUANTIZE_CHOICES": "jaxinfer.quant_modes",
+    "QuantArray": "jaxinfer.quant",
     "PagePoolExhausted": "jaxinfer.page_allocator",
     "RequestOutput": "jaxinfer.engine.engine",
     "ParameterError": "jaxinfer.errors",

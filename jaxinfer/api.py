@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import jax
 from jax.sharding import Mesh
 
-from jaxinfer import compilation_cache, model, progress as progress_lib, sharding
+from jaxinfer import compilation_cache, model, quant, sharding
+from jaxinfer import progress as progress_lib
 from jaxinfer.config import ModelConfig
 from jaxinfer.kv_cache import check_kv_cache_dtype
 from jaxinfer.tokenizer import Tokenizer
@@ -34,7 +36,7 @@ class Model:
 
 def load_model(
     path: str | Path = DEFAULT_MODEL, dtype: str | None = None, tensor_parallel: int = 1, *, progress=False,
-    layout: str | None = None,
+    layout: str | None = None, quantize: str = "auto",
     kv_cache_dtype: str | None = None,
 ) -> Model:
     """Load weights, config and tokenizer, all checked before anything is returned.
@@ -47,14 +49,20 @@ def load_model(
     the vocabulary, and not exceed the devices; a bad N raises ValueError naming it.
     progress: True draws a bar on stderr; a callable gets (tensors done, total).
     layout: "scanned" (layer weights stacked, one scan body) or "unrolled" (per layer); None: the platform's
-    measured default (jaxinfer.model.DEFAULT_LAYOUT). Tokens and logits are the same either way.
+    measured default (jaxinfer.model.DEFAULT_LAYOUT). Tokens and logits are the same either way. A GGUF whose
+    layers store a field in different block types (llama.cpp's Q4_K_M) loads unrolled.
+    quantize: how the weights are held (jaxinfer.quant). "auto" keeps a quantized file's blocks as stored
+    (GGUF Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K) and leaves float weights float; "none" dequantizes everything to
+    dtype; "int8" (per output channel), "int4" (groups of 32 with a min; "int4-g64", "int4-g128") and "fp8"
+    (e4m3, per output channel) hold every projection so, quantized tensor by tensor as it is read.
     kv_cache_dtype: the KV cache's storage (Model.kv_cache_dtype): None, the model's dtype; "int8" (a float32
     scale per token and kv head) or "fp8" (e4m3, a float32 scale per layer), about a quarter of float32's bytes.
     """
     _check_layout(layout)
     check_kv_cache_dtype(kv_cache_dtype)
+    quant.check_quantize(quantize)
     mesh = _mesh(tensor_parallel)  # the config-independent checks first, before any file is read
-    return open_checkpoint(path).load(dtype, mesh=mesh, progress=progress, layout=layout,
+    return open_checkpoint(path).load(dtype, mesh=mesh, progress=progress, layout=layout, quantize=quantize,
                                       kv_cache_dtype=kv_cache_dtype)
 
 
@@ -89,32 +97,57 @@ class Checkpoint:
 
     def load(
         self, dtype: str | None = None, tensor_parallel: int = 1, *, mesh: Mesh | None = None, progress=False,
-        layout: str | None = None,
+        layout: str | None = None, quantize: str = "auto",
         kv_cache_dtype: str | None = None,
     ):
         """-> Model, as load_model. mesh: an already made tensor-parallel mesh (else one for tensor_parallel)."""
         _check_layout(layout)
         check_kv_cache_dtype(kv_cache_dtype)
-        cfg, params, tokenizer, mesh = self._load(dtype, tensor_parallel, mesh, progress)
-        params = model.with_layout(params, layout or model.layout_for_platform())
-        return Model(cfg, params, tokenizer, mesh, kv_cache_dtype)
+        quant.check_quantize(quantize)
+        cfg, params, tokenizer, mesh = self._load(dtype, tensor_parallel, mesh, progress, quantize)
+        if layout is None and model.layout_of(params) == "unrolled":
+            layout = "unrolled"  # layers held in different layouts (params_from_leaves): they cannot be stacked
+        layout = layout or model.layout_for_platform(quantized=model.is_quantized(params))
+        return Model(cfg, model.with_layout(params, layout), tokenizer, mesh, kv_cache_dtype)
 
-    def _load(self, dtype, tensor_parallel, mesh, progress):
+    def held_bytes(self, dtype: str | None = None, quantize: str = "auto") -> int:
+        """Bytes load(dtype, quantize=quantize) would hold the weights in, from the metadata alone (a GGUF's tensor
+        types, config.json): no weight is read. An orbax checkpoint holds float weights."""
+        from jaxinfer.checkpoints import gguf_blocks, layout
+        from jaxinfer.checkpoints.gguf_file import gguf_tensor_map
+        from jaxinfer.checkpoints.hf import HF_NAMES
+
+        quant.check_quantize(quantize)
+        cfg = self.config(dtype)
+        if self.kind == "gguf":
+            entries, _ = layout.source_leaves(gguf_tensor_map(cfg))
+            types = {t.name: t.tensor_type.name for t in self._reader().tensors}
+            return layout.held_bytes(entries, lambda name: gguf_blocks.KEPT.get(types.get(name)), quantize, cfg)
+        if self.kind == "orbax" and quantize == "auto":  # as stored: the manifest lists every tensor
+            from jaxinfer.checkpoints.orbax_ckpt import stored_bytes
+
+            return stored_bytes(self.path, cfg)
+        entries, _ = layout.source_leaves(layout.tensor_map(cfg, HF_NAMES))
+        return layout.held_bytes(entries, lambda name: None, quantize, cfg)
+
+    def _load(self, dtype, tensor_parallel, mesh, progress, quantize):
         from jaxinfer.checkpoints.gguf_file import load_gguf
         from jaxinfer.checkpoints.hf import load_hf
-        from jaxinfer.checkpoints.orbax_ckpt import load_orbax, read_orbax_config
+        from jaxinfer.checkpoints import layout
+        from jaxinfer.checkpoints.orbax_ckpt import load_orbax
 
         mesh = mesh if mesh is not None else _mesh(tensor_parallel)
         on_progress = progress_lib.resolve(progress, f"loading {self.path.name}")
         if self.kind == "gguf":
             reader = self._reader()
-            cfg, params = load_gguf(self.path, dtype, progress=on_progress, reader=reader, mesh=mesh)
+            cfg, params = load_gguf(self.path, dtype, progress=on_progress, reader=reader, mesh=mesh,
+                                    quantize=quantize)
             return cfg, params, Tokenizer.from_gguf(reader), mesh
         if self.kind == "orbax":
-            shardings = None if mesh is None else sharding.param_shardings(read_orbax_config(self.path), mesh)
-            cfg, params = load_orbax(self.path, dtype, progress=on_progress, shardings=shardings)
+            cfg, params = load_orbax(self.path, dtype, progress=on_progress, mesh=mesh)
+            params = layout.requantize(params, cfg, quantize, mesh)
             return cfg, params, _tokenizer_in(self.path), mesh
-        cfg, params = load_hf(self.path, dtype, progress=on_progress, mesh=mesh)
+        cfg, params = load_hf(self.path, dtype, progress=on_progress, mesh=mesh, quantize=quantize)
         return cfg, params, _tokenizer_in(self.path), mesh
 
     def _reader(self):
@@ -144,23 +177,41 @@ def open_checkpoint(path: str | Path = DEFAULT_MODEL) -> Checkpoint:
 
 def random_model(
     preset: str | ModelConfig, seed: int = 0, dtype: str | None = None, tensor_parallel: int = 1, *,
-    layout: str | None = None,
+    layout: str | None = None, quantize: str = "none",
     kv_cache_dtype: str | None = None,
 ) -> Model:
     """Random weights for a preset name (configs/<name>.json) or a ModelConfig: tests and benchmarks.
 
     tensor_parallel > 1 generates them in place on the mesh: the same values as tensor_parallel=1.
-    layout and kv_cache_dtype as for load_model."""
+    layout as for load_model. quantize: a mode of load_model's ("int8", "int4", "fp8", ...) draws each projection's
+    codes and scales directly in its layout, never a float32 copy; "none" / "auto": float weights.
+    kv_cache_dtype as for load_model."""
     _check_layout(layout)
     check_kv_cache_dtype(kv_cache_dtype)
+    quant.check_quantize(quantize)
     cfg = ModelConfig.preset(preset) if isinstance(preset, str) else preset
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
     mesh = _mesh(tensor_parallel)
     key = jax.random.key(seed)
-    params = model.init_params(cfg, key) if mesh is None else sharding.init_params(cfg, key, mesh)
-    params = model.with_layout(params, layout or model.layout_for_platform())
-    return Model(cfg, params, mesh=mesh, kv_cache_dtype=kv_cache_dtype)
+    if quantize in quant.MODES:
+        _check_quantizable(cfg, quantize)
+    if mesh is None:
+        params = model.init_params(cfg, key, quantize=quantize)
+    else:
+        params = sharding.init_params(cfg, key, mesh, quantize)
+    layout = layout or model.layout_for_platform(quantized=quantize in quant.MODES)
+    return Model(cfg, model.with_layout(params, layout), mesh=mesh, kv_cache_dtype=kv_cache_dtype)
+
+
+def _check_quantizable(cfg: ModelConfig, quantize: str) -> None:
+    """ValueError naming the weight when the mode's blocks do not divide a projection's contraction axis."""
+    specs = jax.tree.leaves(model.param_specs(cfg), is_leaf=lambda x: isinstance(x, model.TensorSpec))
+    for spec in specs:
+        if spec.geometry is not None:
+            _, contracted = spec.geometry.split(spec.shape[1:] if spec.axes[0] == "layers" else spec.shape)
+            quant.check_contraction(quant.MODES[quantize], math.prod(contracted),
+                                    f"quantize={quantize!r} on a {'x'.join(map(str, spec.shape))} weight")
 
 
 def _check_layout(layout) -> None:

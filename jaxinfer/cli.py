@@ -31,6 +31,7 @@ from jaxinfer import interrupts, prompt_spec, roofline
 from jaxinfer.chat_history import ChatHistory
 from jaxinfer.errors import ParameterError
 from jaxinfer.prompt_spec import Defaults, PromptError, PromptSpec
+from jaxinfer.quant_modes import QUANTIZE_CHOICES
 from jaxinfer.sampling_params import INT32_MAX, SEED_LIMIT, SamplingParams
 from jaxinfer.server import DEFAULT_MAX_WAITING
 
@@ -93,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default="default", help="default | FILE.gguf | HF dir | orbax dir | preset:NAME")
         p.add_argument("--dtype", choices=DTYPES, help="default: the checkpoint's (float32 for GGUF)")
         p.add_argument("--tensor-parallel", type=_int_in(1, 4096), default=1, help="split over this many devices")
+        p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto",
+                       help="how the weights are held: auto keeps a quantized GGUF's blocks and floats float; none "
+                            "dequantizes all; int8, int4[-g64|-g128], fp8 quantize every projection at load")
 
     def kv_cache_args(p):
         p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None,
@@ -150,6 +154,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("src")
     v.add_argument("dst")
     v.add_argument("--dtype", choices=DTYPES)
+    v.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto",
+                   help="store the weights as load_model(quantize=) holds them (auto: a quantized GGUF's blocks)")
     v.add_argument("--overwrite", action="store_true", help="replace DST if it is a jaxinfer orbax checkpoint")
 
     i = sub.add_parser("info", help="architecture, parameters, bytes, KV bytes per token, context")
@@ -250,9 +256,9 @@ def _load(args, checkpoint, cfg, context: int) -> jaxinfer.Model:
     _warn_16bit_on_cpu(args)
     t0 = time.perf_counter()
     if checkpoint is None:
-        model = jaxinfer.random_model(cfg, tensor_parallel=args.tensor_parallel)
+        model = jaxinfer.random_model(cfg, tensor_parallel=args.tensor_parallel, quantize=args.quantize)
     else:
-        model = checkpoint.load(args.dtype, args.tensor_parallel, progress=True)
+        model = checkpoint.load(args.dtype, args.tensor_parallel, progress=True, quantize=args.quantize)
     model = dataclasses.replace(model, kv_cache_dtype=args.kv_cache_dtype)  # generate, chat and serve have it
     if context < model.cfg.max_position_embeddings:
         model.cfg = model.cfg.replace(max_position_embeddings=context)
@@ -341,6 +347,15 @@ class _Printer:
         return cursor
 
 
+def _pages_for(specs: list[PromptSpec], prompts: list[list[int]], max_slots: int, context: int) -> int:
+    """A KV pool that holds what these prompts need, every slot at once (the page 0 null page included), not the
+    engine's default of 2,048 tokens a slot and a whole context: one short prompt's pool is a few pages, not the
+    377 MB of the default model's float32 default (its peak RSS 1.35 -> 0.9 GB)."""
+    from jaxinfer.generate import DEFAULT_PAGE_SIZE as page  # the engine's default page size
+    need = max(-(-min(len(ids) + spec.max_new_tokens, context) // page) for spec, ids in zip(specs, prompts))
+    return 1 + max_slots * need
+
+
 def _engine(model, prompt_lengths: list[int], max_slots: int, num_pages: int | None = None):
     """The CLI's engine, with the programs these prompts meet compiled (or read from the persistent compilation
     cache) before the first token, so TTFT and tokens/s are the model's, not a compile's; other shapes (a chat's
@@ -393,7 +408,8 @@ def cmd_generate(args) -> int:
     model = _load(args, checkpoint, cfg, context)
     prompts = [_prompt_ids(model, spec) for spec in specs]
     printer = _Printer(args.json, label_rows=len(specs) > 1)
-    engine = _engine(model, [len(ids) for ids in prompts], max_slots=min(args.batch_size, len(specs)))
+    max_slots = min(args.batch_size, len(specs))
+    engine = _engine(model, [len(ids) for ids in prompts], max_slots, _pages_for(specs, prompts, max_slots, context))
     try:
         _, interrupted = _run(engine, specs, prompts, printer, args.interrupts)
     finally:
@@ -508,20 +524,38 @@ def cmd_convert(args) -> int:
         raise UsageError(f"DST {args.dst} already exists; pass --overwrite to replace it")
     t0 = time.perf_counter()
     with args.interrupts.catchable():  # an interrupted write removes its temporary files on the way out
-        dst = convert(args.src, args.dst, dtype=args.dtype, progress=True, overwrite=args.overwrite)
+        dst = convert(args.src, args.dst, dtype=args.dtype, progress=True, overwrite=args.overwrite,
+                      quantize=args.quantize)
     print(f"[converted {args.src} -> {dst} in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
     return EXIT_OK
 
 
+def _held_bytes(args, checkpoint, cfg) -> int:
+    """Bytes the weights are held in under --quantize (and --dtype), from the metadata alone."""
+    if checkpoint is None:
+        from jaxinfer import model as model_lib
+        from jaxinfer import quant
+
+        return quant.held_bytes(model_lib.abstract_params(cfg, args.quantize))
+    return checkpoint.held_bytes(args.dtype, args.quantize)
+
+
+def _held_as(args, held: int, cfg) -> str:
+    bits = 8 * held / roofline.param_count(cfg)
+    return f"--quantize {args.quantize}, {bits:.2f} bits per weight"
+
+
 def cmd_info(args) -> int:
-    _, cfg = _open(args)
+    checkpoint, cfg = _open(args)
     n = roofline.param_count(cfg)
     print(f"architecture     {cfg.architecture} ({cfg.num_layers} layers, d_model {cfg.d_model}, ffn {cfg.ffn_dim})")
     print(f"attention        {cfg.num_heads} q heads, {cfg.num_kv_heads} kv heads, head_dim {cfg.head_dim}"
           + (f", sliding window {cfg.sliding_window}" if cfg.sliding_window else ""))
     print(f"vocabulary       {cfg.vocab_size}" + (" (tied embeddings)" if cfg.tie_embeddings else ""))
     print(f"parameters       {n:,} ({n / 1e9:.3f} B)")
-    print(f"weight bytes     {roofline.weight_bytes(cfg) / 1e9:.3f} GB as {cfg.dtype}")
+    held = _held_bytes(args, checkpoint, cfg)
+    print(f"weight bytes     {held / 1e9:.3f} GB as held ({_held_as(args, held, cfg)}; "
+          f"{roofline.weight_bytes(cfg) / 1e9:.3f} GB as {cfg.dtype})")
     kv = roofline.kv_bytes_per_token(cfg, bytes_per_elem=cfg.jnp_dtype.itemsize)
     print(f"KV bytes/token   {kv / 1024:.1f} KiB ({cfg.dtype})")
     print(f"max context      {cfg.max_position_embeddings} tokens")
@@ -529,27 +563,32 @@ def cmd_info(args) -> int:
 
 
 def cmd_roofline(args) -> int:
-    _, cfg = _open(args)
+    checkpoint, cfg = _open(args)
     if args.dtype is None:  # GPU serving runs bfloat16, whatever the checkpoint's storage dtype
         cfg = cfg.replace(dtype="bfloat16")
+        args.dtype = "bfloat16"
     gpu = roofline.gpu(args.gpu)
     b, c = args.batch, args.context
-    step_bytes = roofline.decode_step_bytes(cfg, b, c)
+    held = _held_bytes(args, checkpoint, cfg)
+    per_param = held / roofline.param_count(cfg)  # bytes per weight as held (--quantize)
+    step_bytes = roofline.decode_step_bytes(cfg, b, c, per_param)
     flops = roofline.decode_flops(cfg, b, c)
-    floor = roofline.decode_floor_seconds(cfg, gpu, b, c)
+    floor = roofline.decode_floor_seconds(cfg, gpu, b, c, weight_bytes_per_param=per_param)
     ratio = roofline.ops_per_byte(gpu)
-    print(f"{args.model} as {cfg.dtype} on {gpu.name}: "
+    print(f"{args.model} as {cfg.dtype}, weights {held / 1e9:.3f} GB ({_held_as(args, held, cfg)}) on {gpu.name}: "
           f"{gpu.peak_flops / 1e12:.0f} TFLOP/s, {gpu.hbm_bytes_per_s / 1e12:.2f} TB/s, ops:byte {ratio:.1f}")
     print(f"decode batch {b} context {c}: {flops / b / 1e9:.2f} GFLOP and {step_bytes / b / 1e9:.3f} GB per token")
     print(f"decode floor     {1e3 * floor:.3f} ms/step ({b / floor:.0f} tok/s)")
-    print(f"arithmetic intensity {roofline.decode_arithmetic_intensity(cfg, b, c):.1f} FLOP/byte")
-    critical = roofline.critical_batch_size(cfg, gpu, c)
+    intensity = roofline.decode_arithmetic_intensity(cfg, b, c, weight_bytes_per_param=per_param)
+    print(f"arithmetic intensity {intensity:.1f} FLOP/byte")
+    critical = roofline.critical_batch_size(cfg, gpu, c, weight_bytes_per_param=per_param)
     if critical == float("inf"):
         print(f"never compute-bound at context {c}: each sequence's KV reads grow with the batch as fast as its "
               f"FLOPs, and attention does fewer than {ratio:.0f} FLOPs per KV byte")
     else:
         print(f"compute-bound from batch {critical:.0f} (context {c})")
-    print(f"KV capacity      {roofline.kv_capacity_tokens(cfg, gpu.memory_bytes):,} tokens beside the weights")
+    capacity = roofline.kv_capacity_tokens(cfg, gpu.memory_bytes, weight_bytes_per_param=per_param)
+    print(f"KV capacity      {capacity:,} tokens beside the weights")
     return EXIT_OK
 
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import attention as attn
-from jaxinfer import kv_cache
+from jaxinfer import kv_cache, quant
 from jaxinfer.config import ModelConfig
 from jaxinfer.runtime import DEFAULT as DEFAULT_RUNTIME
 from jaxinfer.runtime import Runtime
@@ -34,6 +34,11 @@ class TensorSpec:
     shape: tuple[int, ...]
     axes: tuple[str, ...]  # logical axis names, one per dim; sharding rules map them to mesh axes
     init: str = "normal"  # "normal" | "ones" | "zeros"
+    geometry: quant.Geometry | None = None  # how a projection contracts (a weight that may be quantized); else None
+
+
+# A projection's weight: a float array, or a quant.QuantArray of the same logical shape at its stored precision.
+Weight = jax.Array | quant.QuantArray
 
 
 @jax.tree_util.register_dataclass
@@ -43,26 +48,26 @@ class Layer:
     the scan body sees one layer's slice, the shapes below."""
 
     attn_norm: jax.Array  # [D]
-    wq: jax.Array  # [D, N, H]
-    wk: jax.Array  # [D, K, H]
-    wv: jax.Array  # [D, K, H]
+    wq: Weight  # [D, N, H]
+    wk: Weight  # [D, K, H]
+    wv: Weight  # [D, K, H]
     bq: jax.Array | None  # [N, H], qkv_bias only
     bk: jax.Array | None  # [K, H]
     bv: jax.Array | None  # [K, H]
-    wo: jax.Array  # [N, H, D]
+    wo: Weight  # [N, H, D]
     mlp_norm: jax.Array  # [D]
-    w_gate: jax.Array  # [D, F]
-    w_up: jax.Array  # [D, F]
-    w_down: jax.Array  # [F, D]
+    w_gate: Weight  # [D, F]
+    w_up: Weight  # [D, F]
+    w_down: Weight  # [F, D]
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Params:
-    embed: jax.Array  # [V, D]
+    embed: Weight  # [V, D]
     layers: Layer | tuple[Layer, ...]  # stacked (every field [L, ...]: scanned) or L Layers (unrolled)
     final_norm: jax.Array  # [D]
-    lm_head: jax.Array | None  # [D, V]; None when tied to embed
+    lm_head: Weight | None  # [D, V]; None when tied to embed
 
 
 LAYOUTS = ("scanned", "unrolled")
@@ -71,8 +76,19 @@ LAYOUTS = ("scanned", "unrolled")
 DEFAULT_LAYOUT = {"cpu": "unrolled"}
 
 
-def layout_for_platform(platform: str | None = None) -> str:
-    return DEFAULT_LAYOUT.get(platform or jax.default_backend(), "scanned")
+# Quantized weights: scanned everywhere. Unrolled, XLA:CPU dequantized every layer at the start of the program
+# (quant.after ties each layer to its input now), and the scanned int8 / int4 decode step ran as fast or faster
+# (profiles/README.md, "Quantized weights").
+QUANTIZED_LAYOUT: dict[str, str] = {}
+
+
+def layout_for_platform(platform: str | None = None, quantized: bool = False) -> str:
+    table = QUANTIZED_LAYOUT if quantized else DEFAULT_LAYOUT
+    return table.get(platform or jax.default_backend(), "scanned")
+
+
+def is_quantized(params: Params) -> bool:
+    return any(quant.is_quant(leaf) for leaf in jax.tree.leaves(params, is_leaf=quant.is_quant))
 
 
 def layout_of(params: Params) -> str:
@@ -90,12 +106,12 @@ def with_layout(params: Params, layout: str) -> Params:
     if layout == "unrolled":
         stacked = params.layers
         num_layers = stacked.attn_norm.shape[0]
-        columns = {n: [None] * num_layers if getattr(stacked, n) is None else _unstack(getattr(stacked, n))
+        columns = {n: [None] * num_layers if getattr(stacked, n) is None else unstack_weight(getattr(stacked, n))
                    for n in names}
         layers = tuple(Layer(**{n: columns[n][i] for n in names}) for i in range(num_layers))
     else:
         layers = Layer(**{n: None if getattr(params.layers[0], n) is None else
-                          _stack(tuple(getattr(layer, n) for layer in params.layers)) for n in names})
+                          stack_weight([getattr(layer, n) for layer in params.layers]) for n in names})
     return dataclasses.replace(params, layers=layers)
 
 
@@ -103,32 +119,54 @@ _unstack = jax.jit(lambda w: tuple(jnp.unstack(w)))  # [L, ...] -> L x [...], on
 _stack = jax.jit(jnp.stack)
 
 
+def unstack_weight(w: Weight | None) -> list[Weight] | None:
+    """A stacked [L, ...] weight (float or quantized) -> its L layers'; None stays None."""
+    if w is None:
+        return None
+    if quant.is_quant(w):
+        columns = {k: _unstack(p) for k, p in w.parts.items()}
+        return [dataclasses.replace(w, parts={k: c[i] for k, c in columns.items()}) for i in range(w.shape[0])]
+    return list(_unstack(w))
+
+
+def stack_weight(ws: list[Weight]) -> Weight:
+    """L per-layer weights, all float or all in one quant layout -> one stacked [L, ...] weight."""
+    layouts = {w.layout if quant.is_quant(w) else "float" for w in ws}
+    if len(layouts) > 1:
+        raise ValueError(f"layers held in different layouts {sorted(layouts)} cannot be stacked for the scanned "
+                         "layout; use layout='unrolled'")
+    if quant.is_quant(ws[0]):
+        return dataclasses.replace(ws[0], parts={k: _stack([w.parts[k] for w in ws]) for k in ws[0].parts})
+    return _stack(tuple(ws))
+
+
 def param_specs(cfg: ModelConfig) -> Params:
     """The Params pytree with a TensorSpec at every leaf; layer weights [L, ...] on the logical axis "layers"."""
     D, F, N, K, H, V = cfg.d_model, cfg.ffn_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
     L, bias = cfg.num_layers, cfg.qkv_bias
 
-    def stacked(shape, axes, init="normal") -> TensorSpec:
-        return TensorSpec((L, *shape), ("layers", *axes), init)
+    def stacked(shape, axes, init="normal", geometry=None) -> TensorSpec:
+        return TensorSpec((L, *shape), ("layers", *axes), init, geometry)
 
+    first, first_two = quant.Geometry(1), quant.Geometry(2)  # contract D (F for w_down); wo contracts (N, H)
     return Params(
-        embed=TensorSpec((V, D), ("vocab", "embed")),
+        embed=TensorSpec((V, D), ("vocab", "embed"), geometry=quant.Geometry(1, contract_first=False)),
         layers=Layer(
             attn_norm=stacked((D,), ("embed",), "ones"),
-            wq=stacked((D, N, H), ("embed", "heads", "head_dim")),
-            wk=stacked((D, K, H), ("embed", "kv_heads", "head_dim")),
-            wv=stacked((D, K, H), ("embed", "kv_heads", "head_dim")),
+            wq=stacked((D, N, H), ("embed", "heads", "head_dim"), geometry=first),
+            wk=stacked((D, K, H), ("embed", "kv_heads", "head_dim"), geometry=first),
+            wv=stacked((D, K, H), ("embed", "kv_heads", "head_dim"), geometry=first),
             bq=stacked((N, H), ("heads", "head_dim")) if bias else None,
             bk=stacked((K, H), ("kv_heads", "head_dim")) if bias else None,
             bv=stacked((K, H), ("kv_heads", "head_dim")) if bias else None,
-            wo=stacked((N, H, D), ("heads", "head_dim", "embed")),
+            wo=stacked((N, H, D), ("heads", "head_dim", "embed"), geometry=first_two),
             mlp_norm=stacked((D,), ("embed",), "ones"),
-            w_gate=stacked((D, F), ("embed", "ffn")),
-            w_up=stacked((D, F), ("embed", "ffn")),
-            w_down=stacked((F, D), ("ffn", "embed")),
+            w_gate=stacked((D, F), ("embed", "ffn"), geometry=first),
+            w_up=stacked((D, F), ("embed", "ffn"), geometry=first),
+            w_down=stacked((F, D), ("ffn", "embed"), geometry=first),
         ),
         final_norm=TensorSpec((D,), ("embed",), "ones"),
-        lm_head=None if cfg.tie_embeddings else TensorSpec((D, V), ("embed", "vocab")),
+        lm_head=None if cfg.tie_embeddings else TensorSpec((D, V), ("embed", "vocab"), geometry=first),
     )
 
 
@@ -136,25 +174,49 @@ def _is_spec(x) -> bool:
     return isinstance(x, TensorSpec)
 
 
-def abstract_params(cfg: ModelConfig) -> Params:
-    """ShapeDtypeStructs for every weight: eval_shape and loaders check against these."""
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, cfg.jnp_dtype), param_specs(cfg), is_leaf=_is_spec)
+def abstract_params(cfg: ModelConfig, quantize: str = "none") -> Params:
+    """ShapeDtypeStructs for every weight: eval_shape and loaders check against these. quantize: a mode of
+    jaxinfer.quant holds every projection in its layout (a QuantArray of ShapeDtypeStructs)."""
+
+    def leaf(spec: TensorSpec):
+        layout = _mode_layout(spec, quantize)
+        if layout is None:
+            return jax.ShapeDtypeStruct(spec.shape, cfg.jnp_dtype)
+        return quant.abstract(layout, spec.shape, spec.geometry, cfg.dtype, lead_ndim=len(spec.shape) - _own_ndim(spec))
+
+    return jax.tree.map(leaf, param_specs(cfg), is_leaf=_is_spec)
 
 
-def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.02) -> Params:
-    """Random weights (for tests and benchmarks: decode speed does not depend on their values)."""
+def _mode_layout(spec: TensorSpec, quantize: str) -> str | None:
+    """The layout a quantize mode holds this weight in; None: float ("none", "auto", or not a projection)."""
+    quant.check_quantize(quantize)
+    return quant.MODES.get(quantize) if spec.geometry is not None else None
+
+
+def _own_ndim(spec: TensorSpec) -> int:
+    return len(spec.shape) - (1 if spec.axes[0] == "layers" else 0)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.02, quantize: str = "none") -> Params:
+    """Random weights (for tests and benchmarks: decode speed does not depend on their values).
+
+    quantize: a mode of jaxinfer.quant draws each projection's codes and scales directly in its layout (a 7B
+    preset never passes through float32); "none" and "auto": float weights."""
     specs = param_specs(cfg)
     leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
     keys = jax.random.split(key, len(leaves))
+    abstract = treedef.flatten_up_to(abstract_params(cfg, quantize))
 
-    def init(spec: TensorSpec, k: jax.Array) -> jax.Array:
+    def init(spec: TensorSpec, k: jax.Array, shape) -> jax.Array:
+        if quant.is_quant(shape):
+            return quant.random(shape, k, scale)
         if spec.init == "ones":
             return jnp.ones(spec.shape, cfg.jnp_dtype)
         if spec.init == "zeros":
             return jnp.zeros(spec.shape, cfg.jnp_dtype)
         return _normal(k, spec.shape, cfg.jnp_dtype, scale)
 
-    return jax.tree.unflatten(treedef, [init(s, k) for s, k in zip(leaves, keys)])
+    return jax.tree.unflatten(treedef, [init(s, k, a) for s, k, a in zip(leaves, keys, abstract)])
 
 
 def _normal(key, shape, dtype, scale):
@@ -209,20 +271,21 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 def mlp(layer: Layer, x: jax.Array) -> jax.Array:
     """SwiGLU: x [B, T, D] -> [B, T, D]."""
-    gate = jnp.einsum("BTD,DF->BTF", x, layer.w_gate)
-    up = jnp.einsum("BTD,DF->BTF", x, layer.w_up)
-    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, layer.w_down)
+    gate = quant.einsum("BTD,DF->BTF", x, layer.w_gate)
+    up = quant.einsum("BTD,DF->BTF", x, layer.w_up)
+    return quant.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, layer.w_down)
 
 
 def embed_lookup(embed: jax.Array, tokens: jax.Array, tp_axis: str | None = None) -> jax.Array:
     """tokens [B, T] -> [B, T, D]. Under tensor parallelism embed is this device's rows of the vocabulary
     [V / tp, D]: tokens it does not hold contribute zeros and one psum assembles the rows (vocab-parallel)."""
     if tp_axis is None:
-        return embed[tokens]
+        return quant.take(embed, tokens)
     rows = embed.shape[0]
     local = tokens - jax.lax.axis_index(tp_axis) * rows  # [B, T]
     held = (local >= 0) & (local < rows)
-    x = jnp.where(held[..., None], embed[jnp.clip(local, 0, rows - 1)], jnp.zeros((), embed.dtype))
+    gathered = quant.take(embed, jnp.clip(local, 0, rows - 1))  # [B, T, D]
+    x = jnp.where(held[..., None], gathered, jnp.zeros((), gathered.dtype))
     return jax.lax.psum(x, tp_axis)
 
 
@@ -274,9 +337,9 @@ def attention_block(layer, cfg, x, inv_freq, pool, groups, write_to, index, back
     """x [1, N, D] (every group's tokens) -> ([1, N, D], pool): project, rotate, write layer `index` of the stacked
     cache pool (kv_cache.Pool: pages [L, K, P, page_size, H], and scales when quantized) at write_to (page, slot)
     [1, N], attend group by group, project out."""
-    q = jnp.einsum("BTD,DNH->BTNH", x, layer.wq)
-    k = jnp.einsum("BTD,DKH->BTKH", x, layer.wk)
-    v = jnp.einsum("BTD,DKH->BTKH", x, layer.wv)
+    q = quant.einsum("BTD,DNH->BTNH", x, layer.wq)
+    k = quant.einsum("BTD,DKH->BTKH", x, layer.wk)
+    v = quant.einsum("BTD,DKH->BTKH", x, layer.wv)
     if cfg.qkv_bias:
         q, k, v = q + layer.bq, k + layer.bk, v + layer.bv
     positions = _join_tokens([g.positions for g in groups])  # [1, N]
@@ -293,16 +356,14 @@ def attention_block(layer, cfg, x, inv_freq, pool, groups, write_to, index, back
         for g, qg in zip(groups, _split_tokens(q, groups))
     ]
     o = _join_tokens(outs)  # [1, N, heads, H]
-    _, T, N, H = o.shape
-    # One [1, T, N*H] x [N*H, D] matmul: contracting (N, H) as two dims made XLA:CPU transpose-copy wo every step.
-    out = jnp.einsum("BTE,ED->BTD", o.reshape(1, T, N * H), layer.wo.reshape(N * H, -1))
-    return out, pool
+    return quant.einsum("BTNH,NHD->BTD", o, layer.wo), pool  # one [1, T, N*H] x [N*H, D] dot
 
 
 def decoder_layer(layer, cfg, x, pool, index, *, groups, write_to, inv_freq, backend, tp_axis):
     """One layer: x [1, N, D] -> x [1, N, D], with this chunk's K/V written into layer `index` of the cache;
     groups: a _GroupKeys per group of rows, in the order of their tokens in x; write_to: where each token's K/V
     goes, kv_cache.page_addresses' (page, slot) [1, N]."""
+    layer = quant.after(layer, x)  # a quantized layer's weights are dequantized as it runs, not all at the start
     with jax.named_scope("attention"):
         h = rms_norm(x, layer.attn_norm, cfg.norm_eps)
         h, pool = attention_block(layer, cfg, h, inv_freq, pool, groups, write_to, index, backend)
@@ -395,8 +456,8 @@ def logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
     """hidden [..., D] -> logits [..., V] float32 (tied head reuses the embedding)."""
     with jax.named_scope("logits"):
         if params.lm_head is None:
-            return jnp.einsum("...D,VD->...V", hidden, params.embed, preferred_element_type=jnp.float32)
-        return jnp.einsum("...D,DV->...V", hidden, params.lm_head, preferred_element_type=jnp.float32)
+            return quant.einsum_by_rows("...D,VD->...V", hidden, params.embed, preferred_element_type=jnp.float32)
+        return quant.einsum_by_rows("...D,DV->...V", hidden, params.lm_head, preferred_element_type=jnp.float32)
 
 
 def forward(params, cfg, tokens, positions, cache, seq_ids, *, runtime: Runtime = DEFAULT_RUNTIME):

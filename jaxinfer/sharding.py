@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxinfer import kv_cache, model
+from jaxinfer import kv_cache, model, quant
 from jaxinfer import sampling as sampling_lib
 from jaxinfer.config import ModelConfig
 from jaxinfer.runtime import DEFAULT as DEFAULT_RUNTIME
@@ -106,18 +106,55 @@ def _pspec(spec: model.TensorSpec, tp: int) -> P:
 
 
 def param_pspecs(cfg: ModelConfig, tensor_parallel: int) -> model.Params:
-    """The Params pytree with a PartitionSpec at every leaf."""
+    """The Params pytree with a PartitionSpec at every leaf (float weights)."""
     return jax.tree.map(lambda s: _pspec(s, tensor_parallel), model.param_specs(cfg),
                         is_leaf=lambda x: isinstance(x, model.TensorSpec))
 
 
+def weight_pspec(spec: model.TensorSpec, leaf, tp: int, name: str = "a weight"):
+    """The PartitionSpec of one leaf declared by spec: a float array's, or a QuantArray of PartitionSpecs, one per
+    part, each on the logical axes its dims hold (quant.QuantArray: [*lead, *out, n], n along the contraction).
+    A leaf one dim short of spec is one layer of a stacked spec. A split that would cut a quantization block
+    (the contraction axis sharded into pieces that are not whole blocks) is refused by name."""
+    if leaf is not None and len(leaf.shape) == len(spec.shape) - 1:
+        spec = model.TensorSpec(spec.shape[1:], spec.axes[1:], spec.init, spec.geometry)
+    if not quant.is_quant(leaf):
+        return _pspec(spec, tp)
+    lead = len(spec.shape) - len(leaf.shape[leaf.lead_ndim:])
+    own = spec.axes[lead:]
+    n = spec.geometry.contract_ndim
+    out_axes, contract_axes = (own[n:], own[:n]) if spec.geometry.contract_first else (own[:-n], own[-n:])
+    axes = (*spec.axes[:lead], *out_axes, contract_axes[0])
+    if RULES[contract_axes[0]] is not None and tp > 1:
+        layout = leaf.spec
+        if leaf.contraction % tp or (leaf.contraction // tp) % layout.multiple:
+            raise ValueError(
+                f"tensor_parallel={tp} would split the {layout.multiple}-wide blocks of {name} ({layout.name}): its "
+                f"contraction axis of {leaf.contraction} must split into multiples of {layout.multiple}")
+
+    def part_spec(part) -> P:
+        return P(*(RULES[a] if RULES[a] is not None and size % tp == 0 else None for a, size in zip(axes, part.shape)))
+
+    return leaf.map_parts(part_spec)
+
+
 def pspecs_like(params: model.Params, cfg: ModelConfig, tensor_parallel: int) -> model.Params:
-    """param_pspecs in the layout of `params`: stacked, or per layer (each spec without the leading layer axis)."""
-    specs = param_pspecs(cfg, tensor_parallel)
-    if model.layout_of(params) == "scanned":
-        return specs
-    one_layer = jax.tree.map(lambda spec: P(*spec[1:]), specs.layers)
-    return dataclasses.replace(specs, layers=tuple(one_layer for _ in params.layers))
+    """The PartitionSpecs of `params` as they are: stacked or per layer (each spec without the leading layer
+    axis), float or quantized leaves (weight_pspec)."""
+    specs = model.param_specs(cfg)
+    if model.layout_of(params) == "unrolled":
+        specs = dataclasses.replace(specs, layers=tuple(specs.layers for _ in params.layers))
+    names = leaf_names(params)
+    flat_params, treedef = jax.tree.flatten(params, is_leaf=quant.is_quant)
+    flat_specs = treedef.flatten_up_to(specs)
+    return jax.tree.unflatten(treedef, [weight_pspec(s, leaf, tensor_parallel, n)
+                                        for s, leaf, n in zip(flat_specs, flat_params, names)])
+
+
+def leaf_names(params: model.Params) -> list[str]:
+    """"layers.wq", ... for each leaf of params (a QuantArray is one leaf), in pytree order."""
+    paths, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=quant.is_quant)
+    return [jax.tree_util.keystr(path, simple=True, separator=".") for path, _ in paths]
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh) -> model.Params:
@@ -153,10 +190,13 @@ def put(a: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
 
 
-def init_params(cfg: ModelConfig, key: jax.Array, mesh: Mesh) -> model.Params:
+def init_params(cfg: ModelConfig, key: jax.Array, mesh: Mesh, quantize: str = "none") -> model.Params:
     """model.init_params generated in place on the mesh (threefry is partitionable: the same values as tp=1)."""
-    init = jax.jit(model.init_params, static_argnums=0, out_shardings=param_shardings(cfg, mesh))
-    return init(cfg, key)
+    check_tensor_parallel(cfg, tp_size(mesh))
+    pspecs = pspecs_like(model.abstract_params(cfg, quantize), cfg, tp_size(mesh))
+    shardings = jax.tree.map(lambda p: NamedSharding(mesh, p), pspecs)
+    init = jax.jit(model.init_params, static_argnums=(0, 2, 3), out_shardings=shardings)
+    return init(cfg, key, 0.02, quantize)
 
 
 def init_cache(cfg: ModelConfig, mesh: Mesh, kv_cache_dtype: str | None = None, **sizes) -> kv_cache.KVCache:
@@ -202,6 +242,8 @@ def _local_layer(layer: model.Layer, cfg: ModelConfig, tp: int, own, lead: tuple
         kv_axis = len(lead) + 1  # wk/wv [..., D, K, H]; bk/bv [..., K, H]
 
         def take(w, axis):
+            if quant.is_quant(w):
+                return w.map_parts(lambda p: jax.lax.dynamic_slice_in_dim(p, own, 1, w.storage_axis(axis)))
             return None if w is None else jax.lax.dynamic_slice_in_dim(w, own, 1, axis)
 
         layer = dataclasses.replace(
@@ -309,4 +351,13 @@ def to_mesh(params: model.Params, cfg: ModelConfig, mesh: Mesh) -> model.Params:
     check_tensor_parallel(cfg, tp_size(mesh))
     shardings = jax.tree.map(lambda p: NamedSharding(mesh, p), pspecs_like(params, cfg, tp_size(mesh)))
     return jax.tree.map(lambda a, s: jax.device_put(a, s), params, shardings)
+
+
+def place_weight(host, spec: model.TensorSpec, mesh: Mesh, name: str = "a weight"):
+    """One host weight (numpy array, or QuantArray of numpy parts) straight onto its shards."""
+    pspec = weight_pspec(spec, host, tp_size(mesh), name)
+    if quant.is_quant(host):
+        return dataclasses.replace(host, parts={k: put(v, NamedSharding(mesh, pspec.parts[k]))
+                                                for k, v in host.parts.items()})
+    return put(host, NamedSharding(mesh, pspec))
 

@@ -21,6 +21,7 @@ import jaxinfer
 from jaxinfer.timing import median_seconds
 from jaxinfer import roofline
 from jaxinfer import model as model_lib
+from jaxinfer import quant
 from jaxinfer.attention import BACKENDS, resolve_backend
 from jaxinfer.generate import DEFAULT_PREFILL_CHUNK, allocate_cache, prompt_chunks
 from jaxinfer.runtime import Runtime
@@ -98,6 +99,8 @@ def main(argv=None) -> None:
     p.add_argument("--attention-backend", choices=BACKENDS, default=None, help="default: the platform's")
     p.add_argument("--layout", choices=model_lib.LAYOUTS, default=None,
                    help="layer weights stacked and scanned, or per layer and unrolled (default: the platform's)")
+    p.add_argument("--quantize", default="none", choices=jaxinfer.QUANTIZE_CHOICES,
+                   help="hold the projections quantized (random codes drawn in the layout: int8, int4, fp8, ...)")
     p.add_argument("--gpu", default=None, help=f"peaks for MBU/MFU, one of {sorted(roofline.GPUS)}")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=10)
@@ -105,12 +108,15 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     gpu = roofline.gpu(args.gpu) if args.gpu else None
-    model = jaxinfer.random_model(args.preset, dtype=args.dtype, layout=args.layout)
+    model = jaxinfer.random_model(args.preset, dtype=args.dtype, layout=args.layout, quantize=args.quantize)
     runtime = Runtime(attention_backend=args.attention_backend)
     cfg = model.cfg
     kv_elem = jnp.dtype(cfg.dtype).itemsize
+    held = quant.held_bytes(model.params)
+    per_param = held / roofline.param_count(cfg)  # bytes per weight as held
     print(
-        f"{args.preset} {cfg.dtype}, {roofline.param_count(cfg) / 1e9:.2f} B params, jax {jax.__version__} on "
+        f"{args.preset} {cfg.dtype} weights {args.quantize} ({held / 1e9:.2f} GB held, {8 * per_param:.2f} bits per "
+        f"weight), {roofline.param_count(cfg) / 1e9:.2f} B params, jax {jax.__version__} on "
         f"{jax.devices()[0].device_kind}, page_size {args.page_size}, attention {resolve_backend(args.attention_backend)}, "
         f"layers {model_lib.layout_of(model.params)}"
     )
@@ -127,13 +133,15 @@ def main(argv=None) -> None:
     for b in args.batch:
         for c in args.context:
             t = bench_decode(model, b, c, args.steps, args.page_size, args.warmup, args.iters, runtime)
-            nbytes = roofline.decode_step_bytes(cfg, b, c, kv_bytes_per_elem=kv_elem)
+            nbytes = roofline.decode_step_bytes(cfg, b, c, per_param, kv_bytes_per_elem=kv_elem)
             print(f"decode batch {b} context {c}: {1e3 * t:.2f} ms/token, {b / t:.0f} tok/s, {nbytes / t / 1e9:.0f} GB/s")
             if gpu:
-                print("  " + roofline.format_roofline(cfg, gpu, b, c, t, kv_bytes_per_elem=kv_elem).replace("\n", "\n  "))
+                print("  " + roofline.format_roofline(cfg, gpu, b, c, t, weight_bytes_per_param=per_param,
+                                                      kv_bytes_per_elem=kv_elem).replace("\n", "\n  "))
             results.append(dict(kind="decode", batch=b, context=c, seconds_per_token=t))
     if args.json:
-        meta = dict(preset=args.preset, dtype=cfg.dtype, jax=jax.__version__, device=jax.devices()[0].device_kind)
+        meta = dict(preset=args.preset, dtype=cfg.dtype, quantize=args.quantize, weight_bytes=held, jax=jax.__version__,
+                    device=jax.devices()[0].device_kind)
         with open(args.json, "w") as f:
             json.dump(dict(meta, results=results), f, indent=1)
 

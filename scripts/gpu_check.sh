@@ -6,6 +6,8 @@
 #   4. scripts/run_sharded.py --tp 1 --compare-unsharded (the shard_map layer's cost at tp=1)
 #   5. decode with the layers scanned and unrolled on the default model's shape (smollm2-135m bfloat16, batch 1
 #      and 32): the figures that choose model.DEFAULT_LAYOUT["gpu"] (scanned until measured)
+#   6. decode of random llama-2-7b with int8, int4 and fp8 weights (jaxinfer.quant, XLA's dequantize fused into
+#      the dot), batch 1 and 32 at context 512: bytes per token as held, GB/s and MBU
 # Each step has its own time limit and log; one JSON and one markdown summary go under the output directory.
 #
 #   bash scripts/gpu_check.sh [--out DIR] [--dry-run]      # DIR: default $OUT, else ./gpu-check
@@ -39,11 +41,12 @@ fi
 
 # name | seconds allowed | command
 steps=(
-    "gpu-tests|120|$python -m pytest -q -p no:cacheprovider tests/test_flash_attention.py tests/test_paged_attention.py -k compiled_on_gpu -rs"
-    "bench-kernels|100|$python scripts/bench_kernels.py --gpu $gpu --hbm-tbps $hbm_tbps --json $out/bench_kernels.json"
-    "benchmark-llama-2-7b|110|$python scripts/benchmark.py --preset llama-2-7b --dtype bfloat16 --batch 1 32 --context 512 --prompt-len 2048 --steps 32 --iters 3 --gpu $gpu --json $out/benchmark.json"
-    "run-sharded-tp1|60|$python scripts/run_sharded.py --preset llama-2-7b --dtype bfloat16 --tp 1 --compare-unsharded --steps 32 --iters 3"
-    "layouts-smollm2-135m|90|set -e; for layout in scanned unrolled; do $python scripts/benchmark.py --preset smollm2-135m --dtype bfloat16 --batch 1 32 --context 512 --prompt-len 0 --steps 64 --iters 3 --layout \$layout --gpu $gpu --json $out/layout_\$layout.json; done"
+    "gpu-tests|100|$python -m pytest -q -p no:cacheprovider tests/test_flash_attention.py tests/test_paged_attention.py -k compiled_on_gpu -rs"
+    "bench-kernels|80|$python scripts/bench_kernels.py --gpu $gpu --hbm-tbps $hbm_tbps --json $out/bench_kernels.json"
+    "benchmark-llama-2-7b|90|$python scripts/benchmark.py --preset llama-2-7b --dtype bfloat16 --batch 1 32 --context 512 --prompt-len 2048 --steps 32 --iters 3 --gpu $gpu --json $out/benchmark.json"
+    "run-sharded-tp1|50|$python scripts/run_sharded.py --preset llama-2-7b --dtype bfloat16 --tp 1 --compare-unsharded --steps 32 --iters 3"
+    "layouts-smollm2-135m|70|set -e; for layout in scanned unrolled; do $python scripts/benchmark.py --preset smollm2-135m --dtype bfloat16 --batch 1 32 --context 512 --prompt-len 0 --steps 64 --iters 3 --layout \$layout --gpu $gpu --json $out/layout_\$layout.json; done"
+    "quantized-llama-2-7b|90|for q in int8 int4 fp8; do $python scripts/benchmark.py --preset llama-2-7b --dtype bfloat16 --quantize \$q --batch 1 32 --context 512 --prompt-len 0 --steps 16 --iters 2 --gpu $gpu --json $out/quantized_\$q.json; done"
 )
 
 if [ "$dry_run" = 1 ]; then

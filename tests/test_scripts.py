@@ -71,8 +71,10 @@ def test_gpu_check_plan_fits_eight_minutes():
     result = subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), "--dry-run"], capture_output=True, text=True,
                             timeout=60, check=True)
     names = re.findall(r"^  (\S+) +<= +\d+s", result.stdout, re.M)
-    assert names == ["gpu-tests", "bench-kernels", "benchmark-llama-2-7b", "run-sharded-tp1", "layouts-smollm2-135m"]
+    assert names == ["gpu-tests", "bench-kernels", "benchmark-llama-2-7b", "run-sharded-tp1", "layouts-smollm2-135m",
+                     "quantized-llama-2-7b"]
     assert "--layout $layout" in result.stdout and "for layout in scanned unrolled" in result.stdout
+    assert "for q in int8 int4 fp8" in result.stdout and "--quantize $q --batch 1 32" in result.stdout
     assert "--compare-unsharded" in result.stdout and "--batch 1 32 --context 512 --prompt-len 2048" in result.stdout
     assert int(re.search(r"at most (\d+)s in all", result.stdout).group(1)) <= 8 * 60
 
@@ -86,7 +88,7 @@ def test_gpu_check_writes_its_summaries(tmp_path):
                    timeout=60, check=True)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [s["step"] for s in summary["steps"]] == ["gpu-tests", "bench-kernels", "benchmark-llama-2-7b",
-                                                     "run-sharded-tp1", "layouts-smollm2-135m"]
+                                                     "run-sharded-tp1", "layouts-smollm2-135m", "quantized-llama-2-7b"]
     assert all(s["exit"] == 0 and (tmp_path / s["log"]).is_file() for s in summary["steps"])
     assert "| benchmark-llama-2-7b | 0 |" in (tmp_path / "summary.md").read_text()
 

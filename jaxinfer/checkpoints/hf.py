@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxinfer import model
+from jaxinfer import model, quant
 from jaxinfer.checkpoints import layout
 from jaxinfer.checkpoints.safetensors_file import SafetensorsFile
 from jaxinfer.config import HFConfigError, ModelConfig
@@ -81,12 +81,15 @@ def read_hf_config(path: str | Path, dtype: str | None = None) -> ModelConfig:
 
 
 def load_hf(
-    path: str | Path, dtype: str | None = None, progress=None, *, mesh=None
+    path: str | Path, dtype: str | None = None, progress=None, *, mesh=None, quantize: str = "none"
 ) -> tuple[ModelConfig, model.Params]:
     """progress(done, total) is called after each tensor is converted, if given.
 
     mesh: put each tensor, as it is converted, straight onto its shards (jaxinfer.sharding); None: one device.
+    quantize: "none" / "auto" keep the float weights; a mode of jaxinfer.quant ("int8", "int4", "fp8", ...)
+    quantizes each projection as it is read, one tensor at a time.
     """
+    quant.check_quantize(quantize)
     path = Path(path)
     cfg = read_hf_config(path, dtype)
 
@@ -112,9 +115,11 @@ def load_hf(
     def read(name: str) -> np.ndarray:
         return np.asarray(where[name].read(name))
 
+    layout.check_plan(entries, layout.Reader(read), quantize, cfg, mesh)
+
     arrays = []
-    for entry, target in zip(entries, layout.placements(cfg, mesh, len(entries))):
-        arrays.append(layout.load_entry(entry, read, cfg, target))
+    for entry in entries:
+        arrays.append(layout.load_weight(entry, layout.Reader(read), quantize, cfg, mesh))
         if progress:
             progress(len(arrays), len(entries))
     return cfg, jax.tree.unflatten(treedef, arrays)

@@ -3,8 +3,10 @@
 A checkpoint is a directory:
 
     jaxinfer_config.json   ModelConfig.to_dict()
-    manifest.json          per tensor (keyed by pytree path, e.g. "layers.wq"): shape, dtype, sha256 of its
-                           raw bytes; per extra file: size, sha256. Written last: it marks a complete checkpoint.
+    manifest.json          per tensor (keyed by pytree path, e.g. "layers.wq"; a quantized weight's parts
+                           "layers.wq.parts.values", ...): shape, dtype, sha256 of its raw bytes; per quantized
+                           weight its jaxinfer.quant layout ("quantization": {"layers.wq": "int4_g32_min"}); per
+                           extra file: size, sha256. Written last: it marks a complete checkpoint.
     params/                the Params pytree, written by orbax.checkpoint (OCDBT + zarr under tensorstore)
     tokenizer.json ...     extra files from the caller, verbatim
 
@@ -16,6 +18,7 @@ to the destination last, so a failed save leaves nothing at the destination.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer import model
+from jaxinfer import model, quant, sharding
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import is_int
 
@@ -66,10 +69,36 @@ def _key_name(key) -> str:
     raise AssertionError(f"unexpected pytree key {key!r} in Params")
 
 
-def named_leaves(tree) -> dict[str, Any]:
-    """{"embed": leaf, "layers.wq": leaf, ...} in pytree order; None fields (tied lm_head) are not leaves."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+def named_leaves(tree, is_leaf=None) -> dict[str, Any]:
+    """{"embed": leaf, "layers.wq": leaf, ...} in pytree order; None fields (tied lm_head) are not leaves.
+    A QuantArray's parts are leaves ("layers.wq.parts.values"), unless is_leaf stops at it."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
     return {".".join(_key_name(k) for k in path): leaf for path, leaf in flat}
+
+
+def quantization(params) -> dict[str, str]:
+    """{weight name: quant layout} of the QuantArrays in params (the manifest's "quantization" table)."""
+    return {name: w.layout for name, w in named_leaves(params, is_leaf=quant.is_quant).items() if quant.is_quant(w)}
+
+
+def abstract_params(cfg: ModelConfig, layouts: dict[str, str]) -> model.Params:
+    """model.abstract_params with the weights named in layouts ({"layers.wq": "q8_0"}) as QuantArrays of
+    ShapeDtypeStructs (stacked layers: what a checkpoint stores)."""
+    specs = model.param_specs(cfg)
+    named = named_leaves(specs, is_leaf=lambda x: isinstance(x, model.TensorSpec))
+    unknown = sorted(set(layouts) - {n for n, s in named.items() if s.geometry is not None})
+    bad = sorted({layout for layout in layouts.values() if layout not in quant.LAYOUTS})
+    if unknown or bad:
+        raise ValueError(f"quantization table names {unknown or bad}: not quantizable weights / layouts")
+
+    def leaf(name: str, spec: model.TensorSpec):
+        if name not in layouts:
+            return jax.ShapeDtypeStruct(spec.shape, cfg.jnp_dtype)
+        lead = 1 if spec.axes[0] == "layers" else 0
+        return quant.abstract(layouts[name], spec.shape, spec.geometry, cfg.dtype, lead_ndim=lead)
+
+    leaves = [leaf(n, s) for n, s in named.items()]
+    return jax.tree.unflatten(jax.tree.structure(specs, is_leaf=lambda x: isinstance(x, model.TensorSpec)), leaves)
 
 
 def _sha256(a: np.ndarray) -> str:
@@ -124,7 +153,8 @@ def save_orbax(
     extra_files = dict(extra_files or {})
     _check_extra_files(extra_files)
     tensors = named_leaves(params)
-    _check_params(cfg, tensors)
+    layouts = quantization(params)
+    _check_params(cfg, tensors, layouts)
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
@@ -149,6 +179,8 @@ def save_orbax(
             "tensors": manifest_tensors,
             "files": {name: _file_entry(data) for name, data in extra_files.items()},
         }
+        if layouts:
+            manifest["quantization"] = layouts
         _write_file(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
         _fsync_tree(tmp)
         _move_into_place(tmp, dst)
@@ -194,8 +226,8 @@ def _check_extra_files(extra_files: dict[str, bytes]) -> None:
             raise TypeError(f"extra file {name!r} must be bytes, got {type(data).__name__}")
 
 
-def _check_params(cfg: ModelConfig, tensors: dict[str, Any]) -> None:
-    expected = named_leaves(model.abstract_params(cfg))
+def _check_params(cfg: ModelConfig, tensors: dict[str, Any], layouts: dict[str, str]) -> None:
+    expected = named_leaves(abstract_params(cfg, layouts))
     problems = [f"missing tensor {name}" for name in expected if name not in tensors]
     problems += [f"unexpected tensor {name}" for name in tensors if name not in expected]
     for name, x in tensors.items():
@@ -255,6 +287,7 @@ def load_orbax(
     *,
     progress: Callable[[int, int], None] | None = None,
     shardings: model.Params | None = None,
+    mesh=None,
 ) -> tuple[ModelConfig, model.Params]:
     """-> (cfg, params), every tensor's bytes verified against the manifest before anything is returned.
 
@@ -263,11 +296,19 @@ def load_orbax(
     shardings: a Params pytree of jax.sharding.Sharding passed to orbax, which restores each tensor straight
     onto them; None restores to host memory and puts each tensor on the default device. Verification reads
     every tensor back to the host, so the arrays must be fully addressable (single process).
+    mesh: a tensor-parallel mesh to restore onto, its shardings derived from the stored (maybe quantized) params.
+    Quantized weights (the manifest's "quantization" table) come back as QuantArrays in their stored layout.
     """
     path = Path(path).absolute()
     cfg, manifest = _read_metadata(path)
     out_cfg = cfg if dtype is None else cfg.replace(dtype=dtype)  # validates dtype before the slow part
-    abstract = model.abstract_params(cfg)
+    try:
+        abstract = abstract_params(cfg, manifest.get("quantization", {}))
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"orbax checkpoint {path}: garbled {MANIFEST_FILE}: {e}") from e
+    if mesh is not None:
+        pspecs = sharding.pspecs_like(abstract, cfg, sharding.tp_size(mesh))
+        shardings = jax.tree.map(lambda p: jax.sharding.NamedSharding(mesh, p), pspecs)
     expected = named_leaves(abstract)
 
     listed = manifest["tensors"]
@@ -295,12 +336,30 @@ def load_orbax(
     if problems:
         raise ValueError(f"orbax checkpoint {path} is corrupted or incomplete:\n  " + "\n  ".join(problems))
 
-    def finish(a):
+    def finish(a, want):
         a = jnp.asarray(a) if shardings is None else a
-        return a.astype(out_cfg.jnp_dtype)  # astype to the same dtype is a no-op
+        return a.astype(out_cfg.jnp_dtype) if want.dtype == cfg.jnp_dtype else a  # float weights take dtype
 
-    leaves = [finish(arrays[name]) for name in expected]
-    return out_cfg, jax.tree.unflatten(jax.tree.structure(abstract), leaves)
+    leaves = [finish(arrays[name], want) for name, want in expected.items()]
+    params = jax.tree.unflatten(jax.tree.structure(abstract), leaves)
+    return out_cfg, jax.tree.map(lambda w: _with_dtype(w, out_cfg.dtype), params, is_leaf=quant.is_quant)
+
+
+def _with_dtype(w, dtype: str):
+    """A restored QuantArray dequantizes to the loaded dtype; anything else as it is."""
+    return dataclasses.replace(w, dtype=dtype) if quant.is_quant(w) else w
+
+
+def stored_bytes(path: str | Path, cfg: ModelConfig) -> int:
+    """Bytes of the weights as load_orbax(path, cfg.dtype) holds them: a quantized weight's parts as stored (the
+    manifest's shapes and dtypes), float weights in cfg.dtype."""
+    _, manifest = _read_metadata(Path(path).absolute())
+    total = 0
+    for name, entry in manifest["tensors"].items():
+        quantized = ".parts." in name
+        itemsize = np.dtype(quant.numpy_dtype(entry["dtype"])).itemsize if quantized else cfg.jnp_dtype.itemsize
+        total += int(np.prod(entry["shape"])) * itemsize
+    return total
 
 
 def read_orbax_config(path: str | Path, dtype: str | None = None) -> ModelConfig:
