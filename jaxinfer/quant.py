@@ -422,6 +422,7 @@ def part_shapes(layout: str, out_shape: tuple[int, ...], contraction: int) -> di
 def abstract(layout: str, shape: tuple[int, ...], geometry: Geometry, dtype: str, lead_ndim: int = 0) -> QuantArray:
     """A QuantArray of ShapeDtypeStructs for a weight of logical shape `shape` (lead dims first)."""
     lead, (out, contracted) = shape[:lead_ndim], geometry.split(shape[lead_ndim:])
+    check_contraction(layout, math.prod(contracted), f"{layout} for a {'x'.join(map(str, shape))} weight")
     parts = {name: jax.ShapeDtypeStruct((*lead, *s), _DTYPES[d])
              for name, (s, d) in part_shapes(layout, out, math.prod(contracted)).items()}
     return QuantArray(parts, layout, len(out), geometry.contract_first, tuple(contracted[1:]), dtype)

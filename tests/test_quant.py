@@ -232,3 +232,9 @@ def test_einsum_by_rows_equals_einsum(monkeypatch, contract_first):
     chunked = jax.jit(lambda h, w: quant.einsum_by_rows(spec, h, w, precision="highest"))(h, w)
     assert chunked.shape == (2, 3, V)
     np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), rtol=1e-6, atol=1e-6)
+
+
+def test_abstract_refuses_a_contraction_the_layout_cannot_hold():
+    with pytest.raises(ValueError, match=r"int4_g128_min for a 49152x576 weight: its contraction axis of 576 is not a "
+                                         r"multiple of 128"):
+        quant.abstract("int4_g128_min", (49152, 576), quant.Geometry(1, contract_first=False), "float32")
