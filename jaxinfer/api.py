@@ -112,7 +112,7 @@ class Checkpoint:
 
     def held_bytes(self, dtype: str | None = None, quantize: str = "auto") -> int:
         """Bytes load(dtype, quantize=quantize) would hold the weights in, from the metadata alone (a GGUF's tensor
-        types, config.json): no weight is read. An orbax checkpoint holds float weights."""
+        types, config.json, an orbax manifest): no weight is read."""
         from jaxinfer.checkpoints import gguf_blocks, layout
         from jaxinfer.checkpoints.gguf_file import gguf_tensor_map
         from jaxinfer.checkpoints.hf import HF_NAMES
