@@ -31,13 +31,12 @@ from jaxinfer import interrupts, prompt_spec, roofline
 from jaxinfer.chat_history import ChatHistory
 from jaxinfer.errors import ParameterError
 from jaxinfer.prompt_spec import Defaults, PromptError, PromptSpec
-from jaxinfer.quant_modes import QUANTIZE_CHOICES
+from jaxinfer.quant_modes import KV_CACHE_DTYPES, QUANTIZE_CHOICES
 from jaxinfer.sampling_params import INT32_MAX, SEED_LIMIT, SamplingParams
 from jaxinfer.server import DEFAULT_MAX_WAITING
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 DTYPES = ("float32", "bfloat16", "float16")
-KV_CACHE_DTYPES = ("int8", "fp8")  # jaxinfer.kv_cache.KV_CACHE_DTYPES, here without importing jax
 
 
 class UsageError(ValueError):

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig
+from jaxinfer.quant_modes import KV_CACHE_DTYPES
 
-KV_CACHE_DTYPES = ("int8", "fp8")  # kv_cache_dtype=None: the model's dtype
 STORAGE_DTYPES = {"int8": jnp.dtype(jnp.int8), "fp8": jnp.dtype(jnp.float8_e4m3fn)}
 INT8_MAX = 127
 FP8_MAX = 448.0  # float8_e4m3fn's largest finite value

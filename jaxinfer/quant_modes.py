@@ -1,4 +1,5 @@
-"""The values of `quantize=` / `--quantize`, plain Python: the CLI checks its flags before jax is imported."""
+"""The values of `quantize=` / `--quantize` and `kv_cache_dtype=` / `--kv-cache-dtype`, plain Python: the CLI checks
+its flags before jax is imported."""
 
 from __future__ import annotations
 
@@ -7,3 +8,4 @@ from __future__ import annotations
 MODES = {"int8": "int8_channel", "fp8": "fp8_channel", "int4": "int4_g32_min", "int4-g32": "int4_g32_min",
          "int4-g64": "int4_g64_min", "int4-g128": "int4_g128_min"}
 QUANTIZE_CHOICES = ("auto", "none", *MODES)
+KV_CACHE_DTYPES = ("int8", "fp8")  # jaxinfer.kv_cache's quantized caches; kv_cache_dtype=None: the model's dtype
