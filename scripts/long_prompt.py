@@ -13,10 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
+
+
+def _peak_rss_gib() -> float:
+    """This process's peak resident memory (VmHWM; getrusage's ru_maxrss would carry over its parent's across exec)."""
+    with open("/proc/self/status") as f:
+        kib = int(f.read().split("VmHWM:")[1].split()[0])
+    return kib / 2**20
 
 
 def child(args) -> None:
@@ -29,13 +35,13 @@ def child(args) -> None:
     n = args.prompt_len[0]
     prompt = [[3 + (7 * i) % (model.cfg.vocab_size - 3) for i in range(n)]]
     chunk = args.prefill_chunk or DEFAULT_PREFILL_CHUNK
-    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    rss_loaded = _peak_rss_gib()
     times = []
     for _ in range(2):
         t0 = time.perf_counter()
         jaxinfer.generate(model, prompt, max_new_tokens=1, prefill_chunk=chunk)
         times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = _peak_rss_gib()
     print(json.dumps(dict(prompt_len=n, prefill_chunk=chunk, dtype=model.cfg.dtype, cold_s=times[0],
                           warm_s=times[1], peak_rss_gib=peak, rss_after_load_gib=rss_loaded, jax=jax.__version__)))
 
