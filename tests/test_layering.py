@@ -38,6 +38,7 @@ MAY_IMPORT = {
 # Subtrees placed as a whole, by module-name prefix.
 TREE_ROOMS = {
     "pallas_kernels": "kernels",
+    "jaxinfer.cpu_kernels": "kernels",
     "jaxinfer.checkpoints": "host library",
     "jaxinfer.engine": "engine",
     "jaxinfer.server": "server",

@@ -1,0 +1,439 @@
+// Quantized matmul on the CPU, an XLA FFI handler: y[M, N] = x[M, K] @ dequantize(W)^T.
+//
+// W is held as jaxinfer.quant stores it: rows [N, ...] with blocks of 32 along K, each block a scale (and a min):
+//   q8_0          values int8 [N, K], scales f16 [N, K/32]                  w = d * q
+//   q4_0          values uint8 [N, K/2] nibbles, scales f16 [N, K/32]      w = d * (q - 8)
+//   int4_g32_min  nibbles as q4_0, scales and mins f16 [N, K/32]           w = d * q + m   (GGUF Q4_1)
+// Nibbles in ggml's order: in each block's 16 bytes, byte j holds code j (low nibble) and code j + 16 (high).
+//
+// Every layout is "codes times a block scale, plus a block min" (q4_0's min is -8 d, q8_0's is 0), so one dot serves
+// all: x is quantized per block of 32 to int8 (x ~ dx * qx, llama.cpp's Q8_1 idea), and for each (row, block)
+//   sum_i w_i x_i = d * dx * sum_i q_i qx_i  +  m * (dx * sum_i qx_i)
+// an integer dot of the codes, a scale per block, and the min against the block sum precomputed with x.
+// A layout with groups of 64 or 128 reads the same scale for 2 or 4 blocks (Weights::group_blocks); int8_channel one
+// per row; the K-quants compute d and m from their sub-block scales in ScaleOf / MinOf.
+//
+// Paths: a portable scalar loop (the reference the SIMD paths are tested against), AVX2 (maddubs) and AVX-512 VL
+// VNNI (dpbusd on 256-bit lanes), both compiled from qmatmul_x86.inc under `#pragma GCC target` and picked at run
+// time, so one build runs on any x86-64 and compiles elsewhere with the scalar path alone.
+// Threads: XLA's intra-op pool; row chunks are claimed through an atomic counter by the calling thread and helper
+// tasks alike, and the caller waits only for chunks already claimed (never for a task that has not started: the
+// handler may itself run on a pool worker).
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define QMM_X86 1
+#include <immintrin.h>
+#else
+#define QMM_X86 0
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace qmm {
+
+constexpr int64_t kBlock = 32;
+
+enum class Layout { kQ8_0, kQ4_0, kQ4_1 };
+
+// The values of the `isa` attribute (and of jaxinfer_cpu_kernels_best_isa): 0 picks the best the CPU has.
+enum Isa : int64_t { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
+
+// W in storage order: row n's block b has codes at values + n * row_bytes + b * block_bytes and its scale at
+// scales[n * groups + b / group_blocks].
+struct Weights {
+  Layout layout;
+  const uint8_t* values;   // [N, K] int8 (q8_0) or [N, K/2] nibbles
+  const uint16_t* scales;  // [N, K/32] f16
+  const uint16_t* mins;    // [N, K/32] f16 (int4_g32_min), else null
+  int64_t n, k, blocks;    // blocks = K / 32
+  int64_t row_bytes, block_bytes;
+  int64_t groups, group_blocks;  // scales per row, blocks per scale
+};
+
+// x quantized per block of 32: x[m, b * 32 + i] ~ d[m, b] * q[m, b * 32 + i].
+struct Activations {
+  const float* f;   // [M, K] the float activations (the float path)
+  const int8_t* q;  // [M, K]
+  const float* d;   // [M, K/32]
+  const float* s;   // [M, K/32] d * sum_i q: the block sum the min multiplies
+  int64_t m, k, blocks;
+};
+
+// float16 bits -> float32, portable (the SIMD paths use F16C).
+inline float HalfToFloat(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu, bits;
+  if (exponent == 0) {
+    float subnormal = static_cast<float>(mantissa) * (1.0f / 16777216.0f);  // mantissa * 2^-24
+    return sign ? -subnormal : subnormal;
+  }
+  if (exponent == 31) {
+    bits = sign | 0x7f800000u | (mantissa << 13);
+  } else {
+    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// Round to nearest, ties to even (jnp.round's rule) without a libm call: exact for |v| < 2^22.
+inline float RoundHalfEven(float v) {
+  const float magic = 12582912.0f;  // 1.5 * 2^23; without -ffast-math the compiler keeps (v + magic) - magic
+  return (v + magic) - magic;
+}
+
+// One row of x [K] -> codes [K], scales and block sums [K/32]: d = max|x| / 127, q = round(x * (1 / d)).
+inline void QuantizeRow(const float* x, int64_t k, int8_t* q, float* d, float* s) {
+  for (int64_t b = 0; b < k / kBlock; ++b) {
+    const float* xb = x + b * kBlock;
+    float amax = 0.0f;
+    for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    float scale = amax / 127.0f;
+    float inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
+    int32_t sum = 0;
+    for (int i = 0; i < kBlock; ++i) {
+      float r = std::min(127.0f, std::max(-127.0f, RoundHalfEven(xb[i] * inverse)));
+      q[b * kBlock + i] = static_cast<int8_t>(r);
+      sum += static_cast<int32_t>(r);
+    }
+    d[b] = scale;
+    s[b] = scale * static_cast<float>(sum);
+  }
+}
+
+inline int64_t ScaleIndex(const Weights& w, int64_t n, int64_t b) { return n * w.groups + b / w.group_blocks; }
+
+// The block's min m (w = d * q + m), given its scale d.
+inline float MinOf(const Weights& w, int64_t n, int64_t b, float d) {
+  switch (w.layout) {
+    case Layout::kQ8_0: return 0.0f;
+    case Layout::kQ4_0: return -8.0f * d;
+    case Layout::kQ4_1: return HalfToFloat(w.mins[ScaleIndex(w, n, b)]);
+  }
+  return 0.0f;
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// The scalar path: the reference of the SIMD paths, and the fallback on any CPU.
+
+// Codes of row n's block b -> [32] ints: q8_0's signed codes, the nibbles' 0..15 (the min carries q4_0's -8).
+inline void BlockCodes(const Weights& w, int64_t n, int64_t b, int32_t* codes) {
+  const uint8_t* p = w.values + n * w.row_bytes + b * w.block_bytes;
+  if (w.layout == Layout::kQ8_0) {
+    for (int i = 0; i < kBlock; ++i) codes[i] = static_cast<int8_t>(p[i]);
+    return;
+  }
+  for (int j = 0; j < kBlock / 2; ++j) {
+    codes[j] = p[j] & 15;
+    codes[j + kBlock / 2] = p[j] >> 4;
+  }
+}
+
+// y[m, n] for m in [0, M), n in [n_begin, n_end): integer block dots against the int8 activations.
+void RowsScalar(const Weights& w, const Activations& x, int64_t n_begin, int64_t n_end, float* y) {
+  int32_t codes[kBlock];
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    for (int64_t m = 0; m < x.m; ++m) {
+      float acc = 0.0f;
+      for (int64_t b = 0; b < w.blocks; ++b) {
+        BlockCodes(w, n, b, codes);
+        const int8_t* xq = x.q + m * x.k + b * kBlock;
+        int32_t dot = 0;
+        for (int i = 0; i < kBlock; ++i) dot += codes[i] * xq[i];
+        float d = HalfToFloat(w.scales[ScaleIndex(w, n, b)]);
+        acc += d * x.d[m * x.blocks + b] * static_cast<float>(dot) + MinOf(w, n, b, d) * x.s[m * x.blocks + b];
+      }
+      y[m * w.n + n] = acc;
+    }
+  }
+}
+
+// The same against the float activations: each weight block dequantized, then a float dot.
+void RowsScalarFloat(const Weights& w, const Activations& x, int64_t n_begin, int64_t n_end, float* y) {
+  int32_t codes[kBlock];
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    for (int64_t m = 0; m < x.m; ++m) {
+      float acc = 0.0f;
+      for (int64_t b = 0; b < w.blocks; ++b) {
+        BlockCodes(w, n, b, codes);
+        float d = HalfToFloat(w.scales[ScaleIndex(w, n, b)]), low = MinOf(w, n, b, d);
+        const float* xf = x.f + m * x.k + b * kBlock;
+        for (int i = 0; i < kBlock; ++i) acc += (d * static_cast<float>(codes[i]) + low) * xf[i];
+      }
+      y[m * w.n + n] = acc;
+    }
+  }
+}
+
+}  // namespace qmm
+
+// ------------------------------------------------------------------------------------------------------------------
+// The x86 SIMD paths: one body, compiled once per instruction set.
+
+#if QMM_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define QMM_NS avx2
+#define QMM_VNNI 0
+#include "qmatmul_x86.inc"
+#undef QMM_NS
+#undef QMM_VNNI
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
+#define QMM_NS avx512
+#define QMM_VNNI 1
+#include "qmatmul_x86.inc"
+#undef QMM_NS
+#undef QMM_VNNI
+#pragma GCC pop_options
+#endif
+
+namespace qmm {
+
+int64_t BestIsa() {
+#if QMM_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni")) {
+    return kAvx512;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+    return kAvx2;
+  }
+#endif
+  return kScalar;
+}
+
+// y rows [n_begin, n_end) for every x row, on the path `isa` (one the CPU has).
+void RunRows(int64_t isa, bool float_activations, const Weights& w, const Activations& x, int64_t n_begin,
+             int64_t n_end, float* y) {
+#if QMM_X86
+  if (isa == kAvx512) return avx512::Rows(w, x, float_activations, n_begin, n_end, y);
+  if (isa == kAvx2) return avx2::Rows(w, x, float_activations, n_begin, n_end, y);
+#endif
+  if (float_activations) return RowsScalarFloat(w, x, n_begin, n_end, y);
+  RowsScalar(w, x, n_begin, n_end, y);
+}
+
+// Row chunks claimed through `next`; `done` counts finished ones. Shared with the helper tasks through a shared_ptr:
+// a helper that starts after the handler returned finds no chunk left and touches nothing else.
+struct Job {
+  std::function<void(int64_t)> run_chunk;  // reads the handler's buffers: only called for a claimed chunk
+  int64_t num_chunks = 0;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  std::mutex mutex;
+  std::condition_variable finished;
+
+  void Work() {
+    for (int64_t i = next.fetch_add(1); i < num_chunks; i = next.fetch_add(1)) {
+      run_chunk(i);
+      if (done.fetch_add(1) + 1 == num_chunks) {
+        std::lock_guard<std::mutex> lock(mutex);
+        finished.notify_all();
+      }
+    }
+  }
+};
+
+// run_chunk(i) for i in [0, num_chunks) on up to `threads` threads: the caller and threads - 1 pool tasks.
+void ParallelFor(ffi::ThreadPool& pool, int64_t threads, int64_t num_chunks, std::function<void(int64_t)> run_chunk) {
+  int64_t helpers = std::min(threads, num_chunks) - 1;
+  if (helpers <= 0) {
+    for (int64_t i = 0; i < num_chunks; ++i) run_chunk(i);
+    return;
+  }
+  auto job = std::make_shared<Job>();
+  job->run_chunk = std::move(run_chunk);
+  job->num_chunks = num_chunks;
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([job] { job->Work(); });
+  job->Work();
+  // Every chunk is claimed now; wait for those still running (their threads have started).
+  std::unique_lock<std::mutex> lock(job->mutex);
+  job->finished.wait(lock, [&] { return job->done.load() == job->num_chunks; });
+}
+
+// Rows per chunk: enough chunks to balance the threads, few enough that a chunk's weights stay in cache while every
+// x row passes over them (M > 1), and long enough that one row streams (M = 1).
+int64_t RowsPerChunk(int64_t n, int64_t m, int64_t row_bytes, int64_t threads) {
+  int64_t cache_rows = std::max<int64_t>(1, (m == 1 ? 32768 : 65536) / row_bytes);
+  int64_t balance_rows = std::max<int64_t>(1, (n + 4 * threads - 1) / (4 * threads));
+  int64_t rows = std::min(cache_rows, balance_rows);
+  return m == 1 ? rows : (rows + 3) / 4 * 4;  // whole tiles of rows
+}
+
+// One (x, W) pair of the batch: quantize x, then the row chunks in parallel.
+void Matmul(ffi::ThreadPool& pool, int64_t threads, int64_t isa, bool float_activations, const Weights& w,
+            const float* x_data, int64_t m, float* y) {
+  std::vector<int8_t> codes(float_activations ? 0 : m * w.k);
+  std::vector<float> scales(float_activations ? 0 : m * w.blocks), sums(float_activations ? 0 : m * w.blocks);
+  if (!float_activations) {
+    for (int64_t i = 0; i < m; ++i) {
+      QuantizeRow(x_data + i * w.k, w.k, codes.data() + i * w.k, scales.data() + i * w.blocks,
+                  sums.data() + i * w.blocks);
+    }
+  }
+  Activations x{x_data, codes.data(), scales.data(), sums.data(), m, w.k, w.blocks};
+  int64_t rows = RowsPerChunk(w.n, m, w.row_bytes + 2 * w.groups * (w.mins ? 2 : 1), threads);
+  int64_t num_chunks = (w.n + rows - 1) / rows;
+  ParallelFor(pool, threads, num_chunks, [&, rows](int64_t i) {
+    RunRows(isa, float_activations, w, x, i * rows, std::min(w.n, (i + 1) * rows), y);
+  });
+}
+
+// The batch dims of one operand: size per dim (1: broadcast) over the output's batch dims.
+struct Operand {
+  ffi::Span<const int64_t> dims;
+  int64_t own_dims;  // the trailing dims that are not batch ([M, K] or [N, n])
+
+  int64_t BatchSize() const {
+    int64_t size = 1;
+    for (size_t i = 0; i + own_dims < dims.size(); ++i) size *= dims[i];
+    return size;
+  }
+  // The flat batch index of this operand for the output's batch multi-index (a broadcast dim contributes 0).
+  int64_t Offset(ffi::Span<const int64_t> batch, int64_t flat) const {
+    int64_t offset = 0, stride = 1;
+    for (int64_t i = static_cast<int64_t>(batch.size()) - 1; i >= 0; --i) {
+      int64_t index = flat % batch[i];
+      flat /= batch[i];
+      if (dims[i] != 1) offset += index * stride;
+      stride *= dims[i];
+    }
+    return offset;
+  }
+};
+
+std::string Shape(ffi::Span<const int64_t> dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
+}
+
+// x [*B, M, K] f32; values [*B, N, K / per_code]; scales (mins) [*B, N, K/32] f16 -> y [*B, M, N] f32. Each batch dim
+// of an operand is the output's or 1 (vmap_method="expand_dims"); x's batch folds into M when W has none.
+ffi::Error QMatmul(ffi::ThreadPool pool, Layout layout, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer values,
+                   ffi::Buffer<ffi::F16> scales, const ffi::Buffer<ffi::F16>* mins, ffi::ResultBuffer<ffi::F32> y,
+                   int64_t threads, int64_t isa, int64_t float_activations) {
+  auto out_dims = y->dimensions();
+  const size_t rank = out_dims.size();
+  if (rank < 2 || x.dimensions().size() != rank || values.dimensions().size() != rank ||
+      scales.dimensions().size() != rank) {
+    return ffi::Error::InvalidArgument("qmatmul: x " + Shape(x.dimensions()) + ", values " +
+                                       Shape(values.dimensions()) + " and y " + Shape(out_dims) +
+                                       " must have the same rank >= 2");
+  }
+  const int64_t m = out_dims[rank - 2], n = out_dims[rank - 1], k = x.dimensions()[rank - 1];
+  const int64_t codes_per_byte = layout == Layout::kQ8_0 ? 1 : 2;
+  if (k % kBlock != 0 || values.dimensions()[rank - 1] * codes_per_byte != k || values.dimensions()[rank - 2] != n ||
+      scales.dimensions()[rank - 1] != k / kBlock || scales.dimensions()[rank - 2] != n ||
+      x.dimensions()[rank - 2] != m ||
+      (mins && (mins->dimensions().size() != rank || mins->dimensions()[rank - 1] != k / kBlock ||
+                mins->dimensions()[rank - 2] != n))) {
+    return ffi::Error::InvalidArgument("qmatmul: shapes x " + Shape(x.dimensions()) + ", values " +
+                                       Shape(values.dimensions()) + ", scales " + Shape(scales.dimensions()) +
+                                       ", y " + Shape(out_dims) + " do not match");
+  }
+  const int64_t best = BestIsa();
+  if (isa == kAuto) isa = best;
+  if (isa < kScalar || isa > best) {
+    return ffi::Error::InvalidArgument("qmatmul: isa " + std::to_string(isa) + " is not one this CPU has (best " +
+                                       std::to_string(best) + ")");
+  }
+  if (threads <= 0) threads = std::max<int64_t>(1, pool.num_threads());
+
+  Weights w{layout, static_cast<const uint8_t*>(values.untyped_data()), scales.typed_data(),
+            mins ? mins->typed_data() : nullptr, n, k, k / kBlock,
+            k / codes_per_byte, kBlock / codes_per_byte, k / kBlock, 1};
+  ffi::Span<const int64_t> batch(out_dims.begin(), rank - 2);
+  Operand x_op{x.dimensions(), 2}, w_op{values.dimensions(), 2}, s_op{scales.dimensions(), 2};
+  Operand m_op = mins ? Operand{mins->dimensions(), 2} : s_op;
+  int64_t batch_size = 1;
+  for (int64_t d : batch) batch_size *= d;
+  for (const Operand* op : {&x_op, &w_op, &s_op, &m_op}) {
+    for (size_t i = 0; i < batch.size(); ++i) {
+      if (op->dims[i] != batch[i] && op->dims[i] != 1) {
+        return ffi::Error::InvalidArgument("qmatmul: batch dims of " + Shape(op->dims) + " do not broadcast to " +
+                                           Shape(out_dims));
+      }
+    }
+  }
+  const float* x_data = x.typed_data();
+  float* y_data = y->typed_data();
+  if (w_op.BatchSize() == 1 && s_op.BatchSize() == 1 && m_op.BatchSize() == 1 && x_op.BatchSize() == batch_size) {
+    Matmul(pool, threads, isa, float_activations != 0, w, x_data, batch_size * m, y_data);  // x's batch folds into M
+    return ffi::Error::Success();
+  }
+  for (int64_t i = 0; i < batch_size; ++i) {
+    Weights wi = w;
+    wi.values += w_op.Offset(batch, i) * n * w.row_bytes;
+    wi.scales += s_op.Offset(batch, i) * n * w.groups;
+    if (mins) wi.mins += m_op.Offset(batch, i) * n * w.groups;
+    Matmul(pool, threads, isa, float_activations != 0, wi, x_data + x_op.Offset(batch, i) * m * k, m,
+           y_data + i * m * n);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error QMatmulQ8_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer values,
+                       ffi::Buffer<ffi::F16> scales, ffi::ResultBuffer<ffi::F32> y, int64_t threads, int64_t isa,
+                       int64_t float_activations) {
+  if (values.element_type() != ffi::DataType::S8) return ffi::Error::InvalidArgument("q8_0: values must be int8");
+  return QMatmul(pool, Layout::kQ8_0, x, values, scales, nullptr, y, threads, isa, float_activations);
+}
+
+ffi::Error QMatmulQ4_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer values,
+                       ffi::Buffer<ffi::F16> scales, ffi::ResultBuffer<ffi::F32> y, int64_t threads, int64_t isa,
+                       int64_t float_activations) {
+  if (values.element_type() != ffi::DataType::U8) return ffi::Error::InvalidArgument("q4_0: values must be uint8");
+  return QMatmul(pool, Layout::kQ4_0, x, values, scales, nullptr, y, threads, isa, float_activations);
+}
+
+ffi::Error QMatmulQ4_1(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer values,
+                       ffi::Buffer<ffi::F16> scales, ffi::Buffer<ffi::F16> mins, ffi::ResultBuffer<ffi::F32> y,
+                       int64_t threads, int64_t isa, int64_t float_activations) {
+  if (values.element_type() != ffi::DataType::U8) {
+    return ffi::Error::InvalidArgument("int4_g32_min: values must be uint8");
+  }
+  return QMatmul(pool, Layout::kQ4_1, x, values, scales, &mins, y, threads, isa, float_activations);
+}
+
+}  // namespace qmm
+
+extern "C" int64_t jaxinfer_cpu_kernels_best_isa() { return qmm::BestIsa(); }
+
+#define QMM_BIND_COMMON                  \
+  ffi::Ffi::Bind()                       \
+      .Ctx<ffi::ThreadPool>()            \
+      .Arg<ffi::Buffer<ffi::F32>>()      \
+      .Arg<ffi::AnyBuffer>()             \
+      .Arg<ffi::Buffer<ffi::F16>>()
+
+#define QMM_ATTRS                        \
+  .Attr<int64_t>("threads")              \
+      .Attr<int64_t>("isa")              \
+      .Attr<int64_t>("float_activations")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_qmatmul_q8_0, qmm::QMatmulQ8_0,
+                              QMM_BIND_COMMON.Ret<ffi::Buffer<ffi::F32>>() QMM_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_qmatmul_q4_0, qmm::QMatmulQ4_0,
+                              QMM_BIND_COMMON.Ret<ffi::Buffer<ffi::F32>>() QMM_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_qmatmul_int4_g32_min, qmm::QMatmulQ4_1,
+                              QMM_BIND_COMMON.Arg<ffi::Buffer<ffi::F16>>().Ret<ffi::Buffer<ffi::F32>>() QMM_ATTRS);

@@ -1,0 +1,153 @@
+"""Quantized matmul on the CPU through jax.ffi: y[..., N] = x[..., K] @ dequantize(W).T, W stored [N, K] in blocks.
+
+Kernel (qmatmul.cc, built by build.py), wrapper (`qmatmul`), reference (`qmatmul_reference`, plain jnp) in one file.
+The weight arrives as plain arrays, a layout name and its parts, as jaxinfer.quant's QuantArray holds them
+(storage order: the output rows first, blocks of 32 along the contraction K last):
+
+    q8_0          values int8 [N, K],            scales float16 [N, K/32]                   w = d * q
+    q4_0          values uint8 [N, K/2] nibbles, scales float16 [N, K/32]                   w = d * (q - 8)
+    int4_g32_min  values uint8 [N, K/2] nibbles, scales, mins float16 [N, K/32] (GGUF Q4_1) w = d * q + m
+
+Nibbles in ggml's order: in each block's 16 bytes, byte j holds code j (low nibble) and code j + 16 (high nibble).
+By default x is quantized per block of 32 to int8 with a float32 scale (llama.cpp's Q8_0 / Q8_1) and the blocks are
+integer dots; activations="float32" keeps x in float (each weight block dequantized instead), for accuracy checks.
+
+    JAXINFER_CPU_KERNELS_ISA=scalar|avx2|avx512   the highest instruction set the kernel may use (default: the best
+                                                  the CPU has): tests cover every path on one machine
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.cpu_kernels import build
+
+BLOCK = 32
+# layout -> its parts: (name, dtype, elements of K per stored element), in the kernel's argument order.
+LAYOUTS: dict[str, tuple[tuple[str, np.dtype, int], ...]] = {
+    "q8_0": (("values", np.dtype(np.int8), 1), ("scales", np.dtype(np.float16), BLOCK)),
+    "q4_0": (("values", np.dtype(np.uint8), 2), ("scales", np.dtype(np.float16), BLOCK)),
+    "int4_g32_min": (("values", np.dtype(np.uint8), 2), ("scales", np.dtype(np.float16), BLOCK),
+                     ("mins", np.dtype(np.float16), BLOCK)),
+}
+ISAS = ("scalar", "avx2", "avx512")  # qmatmul.cc's Isa values 1, 2, 3
+ISA_ENV = "JAXINFER_CPU_KERNELS_ISA"
+ACTIVATIONS = ("int8", "float32")
+
+
+def supported_isas() -> tuple[str, ...]:
+    """The instruction sets this CPU runs, lowest first (builds the kernels if need be)."""
+    return ISAS[: build.library().best_isa]
+
+
+def _isa_code(isa: str | None) -> int:
+    """isa (None: $JAXINFER_CPU_KERNELS_ISA, else the best) -> the kernel's `isa` attribute (0: the best)."""
+    isa = isa or os.environ.get(ISA_ENV) or None
+    if isa is None:
+        return 0
+    if isa not in ISAS:
+        raise ValueError(f"isa={isa!r} must be one of {ISAS} (or set {ISA_ENV})")
+    if isa not in supported_isas():
+        raise ValueError(f"isa={isa!r} is not available on this CPU, which runs {supported_isas()}")
+    return ISAS.index(isa) + 1
+
+
+def check_parts(layout: str, parts: dict, k: int) -> int:
+    """The output size N of a layout's parts for contraction size k; ValueError naming what does not fit."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} has no CPU kernel; one of {tuple(LAYOUTS)}")
+    spec = LAYOUTS[layout]
+    names = tuple(name for name, _, _ in spec)
+    if set(parts) != set(names):
+        raise ValueError(f"{layout} takes parts {names}, got {tuple(parts)}")
+    if k % BLOCK:
+        raise ValueError(f"K={k} (x's last dim) must be a multiple of {BLOCK} for {layout}")
+    n = parts["values"].shape[0] if parts["values"].ndim == 2 else None
+    for name, dtype, per in spec:
+        part = parts[name]
+        if part.dtype != dtype:
+            raise ValueError(f"{layout} part {name!r} must be {dtype}, got {part.dtype}")
+        if part.ndim != 2 or part.shape != (n, k // per):
+            raise ValueError(f"{layout} part {name!r} has shape {part.shape}; expected ({n}, {k // per}) for K={k}")
+    return n
+
+
+def qmatmul(x: jax.Array, layout: str, parts: dict[str, jax.Array], *, activations: str = "int8",
+            threads: int | None = None, isa: str | None = None) -> jax.Array:
+    """x [..., K] (float32 or bfloat16) @ dequantize(W).T -> float32 [..., N], W [N, K] stored as `layout`'s parts.
+
+    activations: "int8" (x quantized per block of 32, integer block dots) or "float32" (float dots).
+    threads: at most this many threads of XLA's intra-op pool (None: all). isa: the highest instruction set to use
+    (None: $JAXINFER_CPU_KERNELS_ISA, else the CPU's best). Works under jit, lax.scan (a weight sliced per layer),
+    vmap (vmap_method="expand_dims": batched weights loop in the kernel) and shard_map (local shards)."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations={activations!r} must be one of {ACTIVATIONS}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads={threads} must be at least 1")
+    if x.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"x must be float32 or bfloat16, got {x.dtype}")
+    k = x.shape[-1]
+    n = check_parts(layout, parts, k)
+    lead = x.shape[:-1]
+    x2 = x.astype(jnp.float32).reshape(-1, k)  # [M, K]: the leading dims fold into M
+    if x2.shape[0] == 0:
+        return jnp.zeros((*lead, n), jnp.float32)
+    call = jax.ffi.ffi_call(f"jaxinfer_qmatmul_{layout}", jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
+                            vmap_method="expand_dims")
+    build.library()  # built and registered before the call is lowered
+    y = call(x2, *(parts[name] for name, _, _ in LAYOUTS[layout]), threads=np.int64(threads or 0),
+             isa=np.int64(_isa_code(isa)), float_activations=np.int64(activations == "float32"))
+    return y.reshape(*lead, n)  # [M, N] -> [..., N]
+
+
+# --------------------------------------------------------------------------------------------
+# Reference, plain jnp, float32
+
+
+def _nibbles(packed: jax.Array) -> jax.Array:
+    """[N, K/2] uint8 -> [N, K] int32 codes 0..15: in each block's 16 bytes, byte j holds code j low, j + 16 high."""
+    runs = packed.astype(jnp.int32).reshape(*packed.shape[:-1], -1, BLOCK // 2)  # [N, K/32, 16]
+    return jnp.stack([runs & 15, runs >> 4], axis=-2).reshape(*packed.shape[:-1], -1)  # [N, K/32, 2, 16] -> [N, K]
+
+
+def dequantize_reference(layout: str, parts: dict[str, jax.Array]) -> jax.Array:
+    """A layout's parts -> float32 W [N, K]."""
+    codes = parts["values"].astype(jnp.int32) if layout == "q8_0" else _nibbles(parts["values"])  # [N, K]
+    blocks = codes.reshape(*codes.shape[:-1], -1, BLOCK).astype(jnp.float32)  # [N, K/32, 32]
+    d = parts["scales"].astype(jnp.float32)[..., None]  # [N, K/32, 1]
+    if layout == "q8_0":
+        w = d * blocks
+    elif layout == "q4_0":
+        w = d * (blocks - 8)
+    elif layout == "int4_g32_min":
+        w = d * blocks + parts["mins"].astype(jnp.float32)[..., None]
+    else:
+        raise ValueError(f"layout={layout!r} has no CPU kernel; one of {tuple(LAYOUTS)}")
+    return w.reshape(codes.shape)
+
+
+def quantize_activations_reference(x: jax.Array) -> jax.Array:
+    """x [..., K] -> float32 [..., K] as the kernel sees it: per block of 32, d = max|x| / 127, q = round(x * (1 / d))
+    (ties to even), x ~ d * q."""
+    blocks = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, BLOCK)  # [..., K/32, 32]
+    d = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True) / 127.0
+    inverse = jnp.where(d > 0, 1.0 / jnp.where(d > 0, d, 1.0), 0.0)
+    q = jnp.clip(jnp.round(blocks * inverse), -127, 127)
+    return (d * q).reshape(x.shape)
+
+
+def qmatmul_reference(x: jax.Array, layout: str, parts: dict[str, jax.Array], *,
+                      activations: str = "float32") -> jax.Array:
+    """x [..., K] @ dequantize(W).T in float32 -> [..., N]. activations="int8": x first rounded as the kernel rounds
+    it (the kernel's own arithmetic up to the order of float sums); "float32": the exact product."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations={activations!r} must be one of {ACTIVATIONS}")
+    x = x.astype(jnp.float32)
+    if activations == "int8":
+        x = quantize_activations_reference(x)
+    w = dequantize_reference(layout, parts)  # [N, K]
+    return jnp.einsum("...k,nk->...n", x, w, precision=jax.lax.Precision.HIGHEST)

@@ -1,0 +1,289 @@
+"""jaxinfer.cpu_kernels: the quantized matmul against its plain-jnp reference, every layout and instruction set,
+under jit / scan / vmap / shard_map; the build cache and its fallback, in subprocesses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinfer.cpu_kernels import build, qmatmul as qm
+
+LAYOUTS = tuple(qm.LAYOUTS)
+K = 96  # three blocks
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    if build.mode() == "off":
+        pytest.skip("JAXINFER_CPU_KERNELS=off")
+    assert build.available(), f"the CPU kernels did not build: {build.unavailable_reason()}"
+
+
+def random_parts(layout: str, n: int, k: int, seed: int = 0, lead: tuple[int, ...] = ()) -> dict[str, jax.Array]:
+    """A layout's parts [*lead, N, k / per] with every code value and realistic scales (q8_0 codes reach -128)."""
+    rng = np.random.default_rng(seed)
+    parts = {}
+    for name, dtype, per in qm.LAYOUTS[layout]:
+        shape = (*lead, n, k // per)
+        if name == "values":
+            info = np.iinfo(dtype)
+            parts[name] = rng.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
+        elif name == "scales":
+            parts[name] = (rng.uniform(0.002, 0.02, shape) * rng.choice([-1, 1], shape)).astype(np.float16)
+        else:  # mins
+            parts[name] = rng.normal(0, 0.05, shape).astype(np.float16)
+    return {name: jnp.asarray(p) for name, p in parts.items()}
+
+
+def random_x(m: int, k: int = K, seed: int = 1) -> jax.Array:
+    x = np.random.default_rng(seed).normal(size=(m, k)).astype(np.float32)
+    x[0, :32] = 0.0  # an all-zero block: scale 0
+    return jnp.asarray(x)
+
+
+def assert_close(y, want, rel: float):
+    """|y - want| <= rel * max|want| elementwise: a matmul's errors scale with its outputs, not with each one."""
+    y, want = np.asarray(y), np.asarray(want)
+    assert y.shape == want.shape and y.dtype == np.float32
+    np.testing.assert_allclose(y, want, rtol=0, atol=rel * float(np.abs(want).max()))
+
+
+# The kernel against the reference that rounds x as it does: float sums in another order, nothing else.
+SAME_ARITHMETIC = 1e-5
+# int8 activations against the float reference (random data; the figure depends on the data, reported by the probe).
+INT8_VS_FLOAT = 2e-2
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("m", [1, 3, 17, 64, 130])
+def test_matches_reference(layout, m):
+    n = 37  # odd: a partial row tile
+    parts, x = random_parts(layout, n, K), random_x(m)
+    y = qm.qmatmul(x, layout, parts)
+    assert_close(y, qm.qmatmul_reference(x, layout, parts, activations="int8"), SAME_ARITHMETIC)
+    assert_close(y, qm.qmatmul_reference(x, layout, parts), INT8_VS_FLOAT)
+    y_float = qm.qmatmul(x, layout, parts, activations="float32")
+    assert_close(y_float, qm.qmatmul_reference(x, layout, parts), SAME_ARITHMETIC)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("isa", qm.ISAS)
+@pytest.mark.parametrize("activations", qm.ACTIVATIONS)
+def test_every_instruction_set(layout, isa, activations):
+    if isa not in qm.supported_isas():
+        pytest.skip(f"this CPU runs {qm.supported_isas()}, not {isa}")
+    parts, x = random_parts(layout, 19, 160, seed=2), random_x(9, 160, seed=3)
+    y = qm.qmatmul(x, layout, parts, isa=isa, activations=activations)
+    assert_close(y, qm.qmatmul_reference(x, layout, parts, activations=activations), SAME_ARITHMETIC)
+    for m in (1, 2):  # the streamed row and the smallest tile
+        assert_close(qm.qmatmul(x[:m], layout, parts, isa=isa, activations=activations), y[:m], SAME_ARITHMETIC)
+
+
+def test_isa_from_the_environment(monkeypatch):
+    parts, x = random_parts("q4_0", 5, K), random_x(2)
+    monkeypatch.setenv(qm.ISA_ENV, "scalar")
+    y = qm.qmatmul(x, "q4_0", parts)
+    assert_close(y, qm.qmatmul_reference(x, "q4_0", parts, activations="int8"), SAME_ARITHMETIC)
+    monkeypatch.setenv(qm.ISA_ENV, "sse9")
+    with pytest.raises(ValueError, match="sse9"):
+        qm.qmatmul(x, "q4_0", parts)
+
+
+@pytest.mark.parametrize("m", [1, 64])
+def test_threads_give_the_same_bits(m):
+    """Rows are split between threads, never a row's sum: 1 and 2 threads agree bit for bit."""
+    parts, x = random_parts("int4_g32_min", 301, 256), random_x(m, 256)
+    one = qm.qmatmul(x, "int4_g32_min", parts, threads=1)
+    np.testing.assert_array_equal(np.asarray(one), np.asarray(qm.qmatmul(x, "int4_g32_min", parts, threads=2)))
+    np.testing.assert_array_equal(np.asarray(one), np.asarray(qm.qmatmul(x, "int4_g32_min", parts)))
+
+
+def test_refuses_what_the_layouts_cannot_hold():
+    parts = random_parts("q8_0", 4, K)
+    with pytest.raises(ValueError, match="K=80"):
+        qm.qmatmul(jnp.ones((2, 80)), "q8_0", {k: v[:, : 80 // (32 if k == "scales" else 1)] for k, v in parts.items()})
+    with pytest.raises(ValueError, match="'scales'"):
+        qm.qmatmul(jnp.ones((2, K)), "q8_0", {**parts, "scales": parts["scales"].astype(jnp.float32)})
+    with pytest.raises(ValueError, match="shape"):
+        qm.qmatmul(jnp.ones((2, K + 32)), "q8_0", parts)
+    with pytest.raises(ValueError, match="q5_k"):
+        qm.qmatmul(jnp.ones((2, K)), "q5_k", parts)
+    with pytest.raises(ValueError, match="mins"):
+        qm.qmatmul(jnp.ones((2, K)), "int4_g32_min", random_parts("q4_0", 4, K))
+    with pytest.raises(ValueError, match="threads=0"):
+        qm.qmatmul(jnp.ones((2, K)), "q8_0", parts, threads=0)
+    with pytest.raises(ValueError, match="int32"):
+        qm.qmatmul(jnp.ones((2, K), jnp.int32), "q8_0", parts)
+
+
+def test_leading_dims_bfloat16_and_empty():
+    parts = random_parts("q4_0", 11, K)
+    x = random_x(6).reshape(2, 3, K)
+    y = qm.qmatmul(x.astype(jnp.bfloat16), "q4_0", parts)
+    assert y.shape == (2, 3, 11)
+    assert_close(y, qm.qmatmul_reference(x.astype(jnp.bfloat16), "q4_0", parts, activations="int8"), SAME_ARITHMETIC)
+    assert qm.qmatmul(jnp.ones((0, K)), "q4_0", parts).shape == (0, 11)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_under_jit_and_scan(layout):
+    """A stacked [L, N, K] weight sliced per layer by lax.scan, inside jit: each layer's kernel call as alone."""
+    layers, n = 3, 24
+    stacked = random_parts(layout, n, K, lead=(layers,))
+    x = random_x(4, K)
+
+    def step(h, layer_parts):
+        y = qm.qmatmul(h, layout, layer_parts)  # [4, n]
+        return jnp.tile(y, (1, K // n)) * 0.1, y  # back to [4, K]
+
+    _, ys = jax.jit(lambda x, p: jax.lax.scan(step, x, p))(x, stacked)
+    h = x
+    for i in range(layers):
+        layer = {k: v[i] for k, v in stacked.items()}
+        want = qm.qmatmul_reference(h, layout, layer, activations="int8")
+        assert_close(ys[i], want, 1e-4)  # the next layer's x rounds a little differently through the float sums
+        h = jnp.tile(want, (1, K // n)) * 0.1
+
+
+def test_vmap():
+    parts = random_parts("int4_g32_min", 13, K, lead=(3,))
+    x = random_x(12, K).reshape(3, 4, K)
+    f = lambda x, p: qm.qmatmul(x, "int4_g32_min", p)  # noqa: E731
+    one = {k: v[0] for k, v in parts.items()}
+    want = qm.qmatmul_reference(x, "int4_g32_min", one, activations="int8")
+    assert_close(jax.vmap(f, in_axes=(0, None))(x, one), want, SAME_ARITHMETIC)  # x's batch folds into M
+    want_each = jnp.stack([qm.qmatmul_reference(x[i], "int4_g32_min", {k: v[i] for k, v in parts.items()},
+                                                activations="int8") for i in range(3)])
+    assert_close(jax.jit(jax.vmap(f))(x, parts), want_each, SAME_ARITHMETIC)  # a weight per batch element
+    only_weights = jax.vmap(f, in_axes=(None, 0))(x[0], parts)  # [3, 4, 13]: x broadcast
+    assert_close(only_weights[1], qm.qmatmul_reference(x[0], "int4_g32_min", {k: v[1] for k, v in parts.items()},
+                                                       activations="int8"), SAME_ARITHMETIC)
+    scales_only = jax.vmap(lambda s: f(x[0], {**one, "scales": s}))(parts["scales"])  # one part batched alone
+    assert_close(scales_only[2], qm.qmatmul_reference(x[0], "int4_g32_min", {**one, "scales": parts["scales"][2]},
+                                                      activations="int8"), SAME_ARITHMETIC)
+
+
+def test_shard_map_over_output_rows():
+    """W's rows split over 8 CPU devices, x replicated: each device runs the kernel on its local shard."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    mesh = Mesh(np.array(jax.devices()[:8]), ("tp",))
+    parts = random_parts("q4_0", 8 * 5, K)
+    x = random_x(3)
+    shard_map = jax.shard_map if hasattr(jax, "shard_map") else __import__("jax.experimental.shard_map").shard_map
+
+    def local(x, p):
+        assert p["values"].shape == (5, K // 2), p["values"].shape
+        return qm.qmatmul(x, "q4_0", p)
+
+    f = jax.jit(shard_map(local, mesh=mesh, in_specs=(P(), P("tp")), out_specs=P(None, "tp")))
+    sharded = jax.device_put(parts, NamedSharding(mesh, P("tp")))
+    assert_close(f(x, sharded), qm.qmatmul_reference(x, "q4_0", parts, activations="int8"), SAME_ARITHMETIC)
+
+
+def test_reference_dequantizes_as_quant_does():
+    """The kernels room cannot import jaxinfer.quant: its reference decoder is checked against quant's here."""
+    from jaxinfer import quant
+
+    for layout in LAYOUTS:
+        parts = random_parts(layout, 7, K)
+        np.testing.assert_array_equal(np.asarray(qm.dequantize_reference(layout, parts)),
+                                      np.asarray(quant.LAYOUTS[layout].decode(parts)))
+        assert [(p.name, np.dtype(quant.numpy_dtype(p.dtype)), p.per) for p in quant.LAYOUTS[layout].parts] == \
+            list(qm.LAYOUTS[layout])
+
+
+# --------------------------------------------------------------------------------------------
+# The build: cache, lock, fallback (each in fresh processes: a process builds and registers once)
+
+PROBE = textwrap.dedent("""
+    import jax.numpy as jnp
+    from jaxinfer.cpu_kernels import build, qmatmul as qm
+    ok = build.available()
+    lib = build._state()[0]
+    print("RESULT", ok, None if lib is None else lib.built_s is not None, build.unavailable_reason() or "-")
+    if ok:
+        parts = {"values": jnp.ones((3, 32), jnp.int8), "scales": jnp.ones((3, 1), jnp.float16)}
+        print("SUM", float(qm.qmatmul(jnp.ones((1, 32)), "q8_0", parts).sum()))
+""")
+
+
+def run_probe(env: dict[str, str], wait: bool = True):
+    full = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
+    proc = subprocess.Popen([sys.executable, "-c", PROBE], env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    return proc.communicate(timeout=600) + (proc.returncode,) if wait else proc
+
+
+def result_of(stdout: str) -> list[str]:
+    return next(line.split()[1:] for line in stdout.splitlines() if line.startswith("RESULT"))
+
+
+def test_second_process_finds_the_library(tmp_path):
+    """Two processes started together: one builds under the lock, the other waits and loads its library; a third
+    later finds it too. Each runs the kernel."""
+    env = {build.DIR_ENV: str(tmp_path)}
+    procs = [run_probe(env, wait=False) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    built = sorted(result_of(out)[1] for out, _ in outs)
+    assert built == ["False", "True"], outs
+    out, err, code = run_probe(env)
+    assert code == 0 and result_of(out)[:2] == ["True", "False"], err
+    assert "SUM 96.0" in out  # 3 rows of 32 ones
+    assert len(list(tmp_path.glob("*.so"))) == 1 and not list(tmp_path.glob("*.tmp"))
+
+
+def test_changed_source_changes_the_key(tmp_path, monkeypatch):
+    cxx = build.compiler()
+    version = build.compiler_version(cxx)
+    key = build.library_key(cxx, version)
+    for name in build.SOURCES:
+        (tmp_path / name).write_bytes((build.SOURCE_DIR / name).read_bytes())
+    monkeypatch.setattr(build, "SOURCE_DIR", tmp_path)
+    assert build.library_key(cxx, version) == key
+    (tmp_path / "qmatmul_x86.inc").write_text((tmp_path / "qmatmul_x86.inc").read_text() + "\n// changed\n")
+    assert build.library_key(cxx, version) != key
+    assert build.library_key([*cxx, "-DX"], version) != key
+
+
+@pytest.mark.parametrize("cxx", ["/bin/false", "/nonexistent/g++"])
+def test_broken_compiler_falls_back_with_one_line(tmp_path, cxx):
+    out, err, code = run_probe({build.DIR_ENV: str(tmp_path), build.CXX_ENV: cxx})
+    assert code == 0, err
+    ok, _, *reason = result_of(out)
+    assert ok == "False" and cxx in " ".join(reason)
+    assert "Traceback" not in err
+    notices = [line for line in err.splitlines() if "CPU kernels off" in line]
+    assert len(notices) == 1, err
+
+
+def test_broken_compiler_under_on_is_an_error(tmp_path):
+    _, err, code = run_probe({build.DIR_ENV: str(tmp_path), build.CXX_ENV: "/bin/false", build.MODE_ENV: "on"})
+    assert code != 0 and "KernelsUnavailable" in err and "/bin/false" in err
+
+
+def test_compile_error_names_the_first_error(tmp_path, monkeypatch):
+    """A source that does not compile: available() False, the reason the compiler's first error line."""
+    (tmp_path / "qmatmul.cc").write_text("int main() { return undefined_name; }\n")
+    (tmp_path / "qmatmul_x86.inc").write_text("")
+    monkeypatch.setattr(build, "SOURCE_DIR", tmp_path)
+    monkeypatch.setenv(build.DIR_ENV, str(tmp_path / "cache"))
+    with pytest.raises(build.KernelsUnavailable, match="undefined_name"):
+        build.built_library()
+    assert not list((tmp_path / "cache").glob("*.so*"))
+
+
+def test_off_means_off(tmp_path):
+    out, err, code = run_probe({build.DIR_ENV: str(tmp_path), build.MODE_ENV: "off"})
+    assert code == 0 and result_of(out) == ["False", "None", f"{build.MODE_ENV}=off"], err
+    assert not list(tmp_path.iterdir())
