@@ -51,6 +51,7 @@ MODULE_ROOMS = {
     "jaxinfer.cli": ("entry points", "the `jaxinfer` command: parse, call, print"),
     "jaxinfer.errors": ("base", "ParameterError, plain Python: raised by sampling_params, which the device core uses"),
     "jaxinfer.sampling_params": ("base", "SamplingParams, plain Python: sampling.py (device core) builds its arrays"),
+    "jaxinfer.host_memory": ("base", "malloc_trim through ctypes, plain Python: the engine calls it when idle"),
     "jaxinfer.quant_modes": ("base", "the quantize= values, plain Python: the CLI checks them before jax loads"),
     "jaxinfer.config": ("device core", "ModelConfig, static under jit"),
     "jaxinfer.model": ("device core", "the decoder's forward pass"),

@@ -18,6 +18,7 @@ import queue
 import threading
 
 from jaxinfer.engine.engine import Engine, RequestOutput
+from jaxinfer.host_memory import release_free_heap
 
 
 class EngineDeadError(RuntimeError):
@@ -137,6 +138,7 @@ class AsyncEngine:
     # -------------------------------------------------------------------------------- the step thread
 
     def _loop(self) -> None:
+        was_busy = False
         try:
             while not self._closed:
                 self._wake.clear()
@@ -147,7 +149,10 @@ class AsyncEngine:
                 for out in outputs:
                     self._deliver(out)
                 if not busy:
+                    if was_busy:  # gone idle: the steps' freed temporaries back to the OS, once
+                        release_free_heap()
                     self._wake.wait()
+                was_busy = busy
         except Exception as e:  # noqa: BLE001 (a device or internal error: every waiting stream hears of it)
             self._error = e
             for loop, outputs in list(self._streams.values()):
