@@ -10,8 +10,8 @@
 // all: x is quantized per block of 32 to int8 (x ~ dx * qx, llama.cpp's Q8_1 idea), and for each (row, block)
 //   sum_i w_i x_i = d * dx * sum_i q_i qx_i  +  m * (dx * sum_i qx_i)
 // an integer dot of the codes, a scale per block, and the min against the block sum precomputed with x.
-// A layout with groups of 64 or 128 reads the same scale for 2 or 4 blocks (Weights::group_blocks); int8_channel one
-// per row; the K-quants compute d and m from their sub-block scales in ScaleOf / MinOf.
+// A layout with groups of 64 or 128 reads the same scale for 2 or 4 blocks (ScaleIndex), int8_channel one per row;
+// the K-quants compute d and m from their sub-block scales where MinOf and the block loads stand.
 //
 // Paths: a portable scalar loop (the reference the SIMD paths are tested against), AVX2 (maddubs) and AVX-512 VL
 // VNNI (dpbusd on 256-bit lanes), both compiled from qmatmul_x86.inc under `#pragma GCC target` and picked at run
@@ -53,7 +53,8 @@ enum class Layout { kQ8_0, kQ4_0, kQ4_1 };
 enum Isa : int64_t { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
 
 // W in storage order: row n's block b has codes at values + n * row_bytes + b * block_bytes and its scale at
-// scales[n * groups + b / group_blocks].
+// scales[n * blocks + b]. (A layout with a scale per 64 or 128 will index it with a compile-time shift of b, one per
+// row with none: a run-time division per block cost more than the block's dot.)
 struct Weights {
   Layout layout;
   const uint8_t* values;   // [N, K] int8 (q8_0) or [N, K/2] nibbles
@@ -61,7 +62,6 @@ struct Weights {
   const uint16_t* mins;    // [N, K/32] f16 (int4_g32_min), else null
   int64_t n, k, blocks;    // blocks = K / 32
   int64_t row_bytes, block_bytes;
-  int64_t groups, group_blocks;  // scales per row, blocks per scale
 };
 
 // x quantized per block of 32: x[m, b * 32 + i] ~ d[m, b] * q[m, b * 32 + i].
@@ -116,7 +116,7 @@ inline void QuantizeRow(const float* x, int64_t k, int8_t* q, float* d, float* s
   }
 }
 
-inline int64_t ScaleIndex(const Weights& w, int64_t n, int64_t b) { return n * w.groups + b / w.group_blocks; }
+inline int64_t ScaleIndex(const Weights& w, int64_t n, int64_t b) { return n * w.blocks + b; }
 
 // The block's min m (w = d * q + m), given its scale d.
 inline float MinOf(const Weights& w, int64_t n, int64_t b, float d) {
@@ -270,12 +270,16 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t threads, int64_t num_chunks, std
   job->finished.wait(lock, [&] { return job->done.load() == job->num_chunks; });
 }
 
-// Rows per chunk: enough chunks to balance the threads, few enough that a chunk's weights stay in cache while every
-// x row passes over them (M > 1), and long enough that one row streams (M = 1).
-int64_t RowsPerChunk(int64_t n, int64_t m, int64_t row_bytes, int64_t threads) {
-  int64_t cache_rows = std::max<int64_t>(1, (m == 1 ? 32768 : 65536) / row_bytes);
-  int64_t balance_rows = std::max<int64_t>(1, (n + 4 * threads - 1) / (4 * threads));
-  int64_t rows = std::min(cache_rows, balance_rows);
+// Rows per chunk: enough chunks to balance the threads; each worth at least ~16 KB of weights streamed per x row
+// (handing a chunk to a helper costs microseconds: a 576 x 192 q4_0 matvec is ~60 KB); few enough rows that a chunk's
+// weights stay in cache while every x row passes over them (M > 1; the float path holds them dequantized).
+int64_t RowsPerChunk(const Weights& w, int64_t m, bool float_activations, int64_t threads) {
+  const int64_t stored_row = w.row_bytes + 2 * w.blocks * (w.mins ? 2 : 1);
+  const int64_t cached_row = float_activations ? 4 * w.k : stored_row;
+  int64_t cache_rows = std::max<int64_t>(1, (m == 1 ? 65536 : float_activations ? 196608 : 65536) / cached_row);
+  int64_t least_rows = std::max<int64_t>(1, 16384 / (stored_row * m));
+  int64_t balance_rows = std::max<int64_t>(1, (w.n + 4 * threads - 1) / (4 * threads));
+  int64_t rows = std::min(cache_rows, std::max(least_rows, balance_rows));
   return m == 1 ? rows : (rows + 3) / 4 * 4;  // whole tiles of rows
 }
 
@@ -291,7 +295,7 @@ void Matmul(ffi::ThreadPool& pool, int64_t threads, int64_t isa, bool float_acti
     }
   }
   Activations x{x_data, codes.data(), scales.data(), sums.data(), m, w.k, w.blocks};
-  int64_t rows = RowsPerChunk(w.n, m, w.row_bytes + 2 * w.groups * (w.mins ? 2 : 1), threads);
+  int64_t rows = RowsPerChunk(w, m, float_activations, threads);
   int64_t num_chunks = (w.n + rows - 1) / rows;
   ParallelFor(pool, threads, num_chunks, [&, rows](int64_t i) {
     RunRows(isa, float_activations, w, x, i * rows, std::min(w.n, (i + 1) * rows), y);
@@ -361,7 +365,7 @@ ffi::Error QMatmul(ffi::ThreadPool pool, Layout layout, ffi::Buffer<ffi::F32> x,
 
   Weights w{layout, static_cast<const uint8_t*>(values.untyped_data()), scales.typed_data(),
             mins ? mins->typed_data() : nullptr, n, k, k / kBlock,
-            k / codes_per_byte, kBlock / codes_per_byte, k / kBlock, 1};
+            k / codes_per_byte, kBlock / codes_per_byte};
   ffi::Span<const int64_t> batch(out_dims.begin(), rank - 2);
   Operand x_op{x.dimensions(), 2}, w_op{values.dimensions(), 2}, s_op{scales.dimensions(), 2};
   Operand m_op = mins ? Operand{mins->dimensions(), 2} : s_op;
@@ -384,8 +388,8 @@ ffi::Error QMatmul(ffi::ThreadPool pool, Layout layout, ffi::Buffer<ffi::F32> x,
   for (int64_t i = 0; i < batch_size; ++i) {
     Weights wi = w;
     wi.values += w_op.Offset(batch, i) * n * w.row_bytes;
-    wi.scales += s_op.Offset(batch, i) * n * w.groups;
-    if (mins) wi.mins += m_op.Offset(batch, i) * n * w.groups;
+    wi.scales += s_op.Offset(batch, i) * n * w.blocks;
+    if (mins) wi.mins += m_op.Offset(batch, i) * n * w.blocks;
     Matmul(pool, threads, isa, float_activations != 0, wi, x_data + x_op.Offset(batch, i) * m * k, m,
            y_data + i * m * n);
   }
