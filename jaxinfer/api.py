@@ -53,8 +53,9 @@ def load_model(
     layers store a field in different block types (llama.cpp's Q4_K_M) loads unrolled.
     quantize: how the weights are held (jaxinfer.quant). "auto" keeps a quantized file's blocks as stored
     (GGUF Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K) and leaves float weights float; "none" dequantizes everything to
-    dtype; "int8" (per output channel), "int4" (groups of 32 with a min; "int4-g64", "int4-g128") and "fp8"
-    (e4m3, per output channel) hold every projection so, quantized tensor by tensor as it is read.
+    dtype; "int8" (GGUF's Q8_0: a float16 scale per 32), "int8-channel" (a scale per output channel), "int4"
+    (groups of 32 with a min, GGUF's Q4_1; "int4-g64", "int4-g128") and "fp8" (e4m3, per output channel) hold every
+    projection so, quantized tensor by tensor as it is read.
     kv_cache_dtype: the KV cache's storage (Model.kv_cache_dtype): None, the model's dtype; "int8" (a float32
     scale per token and kv head) or "fp8" (e4m3, a float32 scale per layer), about a quarter of float32's bytes.
     """

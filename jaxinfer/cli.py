@@ -95,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--tensor-parallel", type=_int_in(1, 4096), default=1, help="split over this many devices")
         p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto",
                        help="how the weights are held: auto keeps a quantized GGUF's blocks and floats float; none "
-                            "dequantizes all; int8, int4[-g64|-g128], fp8 quantize every projection at load")
+                            "dequantizes all; int8 (per 32), int8-channel, int4[-g64|-g128], fp8 quantize every "
+                            "projection at load")
 
     def kv_cache_args(p):
         p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None,

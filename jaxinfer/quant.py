@@ -17,6 +17,8 @@ codes, byte i holds code i in its low nibble and code i + 16 in its high one.
 - q8_0:         int8 codes, a float16 scale per 32 (GGUF Q8_0).          x = d * q
 - q4_0:         4-bit codes, a float16 scale per 32 (GGUF Q4_0).         x = d * (q - 8)
 - int4_g{32,64,128}_min: 4-bit codes, float16 scale and min per group (int4_g32_min is GGUF Q4_1). x = d * q + m
+- q5_0, q5_1:   4-bit codes and a bit plane of fifth bits, a float16 scale (q5_1: and min) per 32 (GGUF Q5_0,
+                Q5_1).                                                    x = d * (q - 16), x = d * q + m
 - q4_k, q5_k:   4-bit codes (q5_k: a fifth bit in a bit plane), 6-bit scale and min per 32 under a float16 scale
                 and min per 256 (GGUF Q4_K / Q5_K).                       x = (d * sc) * q - (dmin * m)
 - q6_k:         4 low bits and a 2-bit plane, an int8 scale per 16 under a float16 scale per 256 (GGUF Q6_K).
@@ -144,6 +146,19 @@ def _halves_q4_k(p):
     return _halves_scaled(p["values"], scale, 32, -_per_sub_block(p["super_mins"], p["mins"]))
 
 
+def _fifth_bit_codes(p) -> jax.Array:
+    """q5_0 / q5_1 codes 0..31 [..., C]: nibbles and a bit plane of fifth bits."""
+    return nibbles(p["values"]) | (bit_planes(p["high_bits"], 1) << 4)
+
+
+def _decode_q5_0(p):
+    return _scaled(_fifth_bit_codes(p) - 16, p["scales"], 32)
+
+
+def _decode_q5_1(p):
+    return _scaled(_fifth_bit_codes(p), p["scales"], 32, p["mins"])
+
+
 def _decode_k_min(fifth_bit: bool):
     def decode(p):
         q = nibbles(p["values"])
@@ -162,6 +177,7 @@ def _decode_q6_k(p):
 
 
 _NIBBLES = Part("values", "uint8", 2)
+_FIFTH_BITS = Part("high_bits", "uint8", 8)
 _K_MIN = (Part("scales", "uint8", 32), Part("mins", "uint8", 32), Part("super_scales", "float16", 256),
           Part("super_mins", "float16", 256))
 
@@ -183,8 +199,11 @@ LAYOUTS: dict[str, Layout] = {
         _int4_min(32),
         _int4_min(64),
         _int4_min(128),
+        Layout("q5_0", 32, (_NIBBLES, _FIFTH_BITS, Part("scales", "float16", 32)), _decode_q5_0),
+        Layout("q5_1", 32, (_NIBBLES, _FIFTH_BITS, Part("scales", "float16", 32), Part("mins", "float16", 32)),
+               _decode_q5_1),
         Layout("q4_k", 32, (_NIBBLES, *_K_MIN), _decode_k_min(False), _halves_q4_k),
-        Layout("q5_k", 32, (_NIBBLES, Part("high_bits", "uint8", 8), *_K_MIN), _decode_k_min(True)),
+        Layout("q5_k", 32, (_NIBBLES, _FIFTH_BITS, *_K_MIN), _decode_k_min(True)),
         Layout("q6_k", 16, (_NIBBLES, Part("high_bits", "uint8", 4), Part("scales", "int8", 16),
                             Part("super_scales", "float16", 256)), _decode_q6_k),
     )
@@ -434,7 +453,7 @@ def random(shape: QuantArray, key: jax.Array, scale: float) -> QuantArray:
     keys = dict(zip(shape.parts, jax.random.split(key, len(shape.parts))))
     # A code's typical size per layout, so that scale * code ~ `scale`: uniform int8 ~73, 4-bit codes 0..15
     # ~4.6 around a min of -7.5 steps, fp8 bit patterns below 2.0 (exponent's top bit cleared: no NaN) ~0.5.
-    typical = {"int8_channel": 73.0, "fp8_channel": 0.5}.get(shape.layout, 4.6)
+    typical = {"int8_channel": 73.0, "q8_0": 73.0, "fp8_channel": 0.5}.get(shape.layout, 4.6)
 
     def draw(name: str, part: jax.ShapeDtypeStruct) -> jax.Array:
         if name == "values" and part.dtype == jnp.int8:
@@ -488,7 +507,8 @@ def pack_bits(codes: np.ndarray, width: int) -> np.ndarray:
 
 
 def quantize_storage(w: np.ndarray, layout: str) -> dict[str, np.ndarray]:
-    """A float weight in stored layout [..., C] -> its parts in `layout` (int8_channel, fp8_channel, int4_g*_min)."""
+    """A float weight in stored layout [..., C] -> its parts in `layout` (q8_0, int8_channel, fp8_channel,
+    int4_g*_min)."""
     w = np.asarray(w, np.float32)
     if not np.all(np.isfinite(w)):
         raise ValueError(f"cannot quantize to {layout}: the weight holds non-finite values")
@@ -502,6 +522,14 @@ def quantize_storage(w: np.ndarray, layout: str) -> dict[str, np.ndarray]:
             values = (w / scale).astype(ml_dtypes.float8_e4m3fn)
         return {"values": values, "scales": scale}
     spec = LAYOUTS[layout]
+    if layout == "q8_0":  # GGUF's Q8_0: int8 codes, a float16 scale per 32
+        blocks = w.reshape(*w.shape[:-1], -1, spec.block)  # [..., C / 32, 32]
+        scale = (np.max(np.abs(blocks), axis=-1) / 127).astype(np.float16)  # [..., C / 32]
+        if not np.all(np.isfinite(scale)):
+            raise ValueError(f"cannot quantize to {layout}: a block's range overflows float16")
+        s32 = scale.astype(np.float32)[..., None]  # codes against the scale as stored
+        codes = np.where(s32 > 0, np.rint(blocks / np.where(s32 > 0, s32, 1)), 0)
+        return {"values": np.clip(codes, -127, 127).astype(np.int8).reshape(w.shape), "scales": scale}
     if not layout.startswith("int4_g"):
         raise ValueError(f"quantizing to {layout} is not supported (only {sorted(set(MODES.values()))})")
     blocks = w.reshape(*w.shape[:-1], -1, spec.block)  # [..., C / g, g]

@@ -69,9 +69,9 @@ def test_gguf_config_equals_load_gguf(tmp_path, cfg, dtype):
 def test_gguf_config_dequantizes_only_rope_freqs(tmp_path, monkeypatch):
     read, dequantize = [], gguf_file._dequantize
 
-    def recording(gguf, tensor):
+    def recording(gguf, tensor, data):
         read.append(tensor.name)
-        return dequantize(gguf, tensor)
+        return dequantize(gguf, tensor, data)
 
     monkeypatch.setattr(gguf_file, "_dequantize", recording)
     assert jaxinfer.load_config(write_gguf(tmp_path / "llama3.gguf", TINY_LLAMA3)).rope_scaling == LLAMA3

@@ -21,7 +21,7 @@ def _random_blocks(rng, type_name: str, rows: int, blocks: int) -> np.ndarray:
     sign (edge values included: zero, the smallest subnormal, the largest finite)."""
     block, size = gguf_blocks._BLOCK[type_name]
     data = rng.integers(0, 256, (rows, blocks, size), dtype=np.uint8)
-    offsets = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}[type_name]
+    offsets = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}[type_name]
     edges = np.array([0.0, 6e-8, -6e-8, 65504.0, -65504.0, 1.0, -0.5], np.float16)
     for off in offsets:
         d = (rng.standard_normal((rows, blocks)) * 0.05).astype(np.float16)
@@ -52,7 +52,7 @@ def test_gguf_blocks_extreme_codes(type_name):
     rng = np.random.default_rng(1)
     data = _random_blocks(rng, type_name, rows=2, blocks=2).reshape(2, 2, -1)
     _, size = gguf_blocks._BLOCK[type_name]
-    keep = {"Q8_0": (0, 2), "Q4_0": (0, 2), "Q4_1": (0, 4), "Q4_K": (0, 16), "Q5_K": (0, 16), "Q6_K": (192, 210)}
+    keep = {"Q8_0": (0, 2), "Q4_0": (0, 2), "Q4_1": (0, 4), "Q5_0": (0, 2), "Q5_1": (0, 4), "Q4_K": (0, 16), "Q5_K": (0, 16), "Q6_K": (192, 210)}
     lo, hi = keep[type_name]
     code_bytes = np.ones(size, bool)
     code_bytes[lo:hi] = False
@@ -63,7 +63,7 @@ def test_gguf_blocks_extreme_codes(type_name):
     np.testing.assert_array_equal(_ours(type_name, data).view(np.uint32), expected.view(np.uint32))
 
 
-@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
 def test_gguf_quantized_real_values(type_name):
     """Blocks as gguf's own quantizer writes them from a Gaussian tensor."""
     w = np.random.default_rng(2).standard_normal((8, 256)).astype(np.float32)
@@ -101,6 +101,22 @@ def test_int8_channel_rmse_is_the_uniform_step():
     assert np.all(np.abs(err) <= step[:, None] / 2 * (1 + 1e-5))  # float32 rounding of w / s and s * q
 
 
+def test_q8_0_error_within_half_a_step_and_readable_by_gguf():
+    """quantize="int8" (q8_0): every weight within half its block's step (the float16 scale as stored; a code
+    clipped at 127 where rounding the scale to float16 shrank it costs at most 127 * its rounding); the parts
+    are GGUF Q8_0 blocks that gguf.quants dequantizes to the same values."""
+    gguf = pytest.importorskip("gguf")
+    w = np.random.default_rng(6).standard_normal((16, 1024)).astype(np.float32)
+    parts = quant.quantize_storage(w, "q8_0")
+    got = _round_trip("q8_0", w)
+    step = np.repeat(parts["scales"].astype(np.float32), 32, axis=1)
+    assert np.all(np.abs(got - w) <= step * (0.5 + 127 * 2.0**-11))
+    assert np.abs(np.abs(w).reshape(16, -1, 32).max(-1) - 127 * parts["scales"].astype(np.float32)).max() < 0.01
+    blocks = np.concatenate([parts["scales"].view(np.uint8).reshape(16, -1, 2),
+                             parts["values"].view(np.uint8).reshape(16, -1, 32)], axis=-1)  # ggml's block_q8_0
+    np.testing.assert_array_equal(gguf.quants.dequantize(blocks.reshape(16, -1), gguf.GGMLQuantizationType.Q8_0), got)
+
+
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_int4_group_error_within_half_a_step(group):
     w = np.random.default_rng(5).standard_normal((16, 1024)).astype(np.float32)
@@ -124,7 +140,7 @@ def test_fp8_channel_relative_error():
 
 def test_quantize_edge_cases():
     zeros = np.zeros((2, 64), np.float32)
-    for layout in ("int8_channel", "fp8_channel", "int4_g32_min"):
+    for layout in ("q8_0", "int8_channel", "fp8_channel", "int4_g32_min"):
         np.testing.assert_array_equal(_round_trip(layout, zeros), zeros)
     constant = np.full((2, 64), 0.25, np.float32)
     np.testing.assert_allclose(_round_trip("int4_g32_min", constant), constant)
@@ -157,7 +173,7 @@ def _quant_array(layout, own_shape, geometry, lead=(), seed=0):
     return w
 
 
-@pytest.mark.parametrize("layout", ["int8_channel", "fp8_channel", "int4_g32_min", "int4_g64_min"])
+@pytest.mark.parametrize("layout", ["q8_0", "int8_channel", "fp8_channel", "int4_g32_min", "int4_g64_min"])
 def test_einsum_equals_dequantized_einsum(layout):
     D, N, H = 128, 4, 32
     first = quant.Geometry(1)

@@ -31,7 +31,7 @@ def _check_same_logits(model: jaxinfer.Model, ids, atol=ATOL):
     np.testing.assert_allclose(ours, ref, atol=atol * max(1.0, np.abs(ref).max()), rtol=0)
 
 
-@pytest.mark.parametrize("quantize", ["int8", "int4", "int4-g64", "fp8"])
+@pytest.mark.parametrize("quantize", ["int8", "int8-channel", "int4", "int4-g64", "fp8"])
 @pytest.mark.parametrize("layout", ["scanned", "unrolled"])
 def test_random_quantized_model_equals_its_dequantized_weights(quantize, layout):
     cfg = jaxinfer.ModelConfig.preset("tiny").replace(d_model=128, num_heads=4, head_dim=32, ffn_dim=256)
@@ -46,7 +46,7 @@ def test_quantize_at_load_from_hf(hf_checkpoint):
     path, _ = hf_checkpoint("llama3")
     float_model = jaxinfer.load_model(path, quantize="none")
     int8 = jaxinfer.load_model(path, quantize="int8")
-    assert _layouts(float_model.params) == set() and _layouts(int8.params) == {"int8_channel"}
+    assert _layouts(float_model.params) == set() and _layouts(int8.params) == {"q8_0"}
     (ids,) = random_prompts(int8.cfg.vocab_size, [24], seed=4)
     _check_same_logits(int8, ids)
     # int8 per channel stays close to the float model it came from (measured: rms 0.016 against logits of std 0.66)
@@ -96,6 +96,7 @@ def _tiny_gguf(tmp_path, types: dict[str, str]) -> str:
     {"weight": "Q4_0", "token_embd.weight": "Q8_0"},
     {"weight": "Q4_1", "output.weight": "Q6_K"},
     {"weight": "Q4_K", "attn_v.weight": "Q6_K", "ffn_down.weight": "Q5_K"},
+    {"weight": "Q5_0", "ffn_down.weight": "Q5_1"},
 ], ids=lambda t: "-".join(sorted(set(t.values()))))
 def test_gguf_blocks_kept_equal_dequantized_load(types, tmp_path):
     path = _tiny_gguf(tmp_path, types)
@@ -126,18 +127,18 @@ def test_gguf_type_without_a_layout_is_dequantized_with_one_line(tmp_path, caplo
     with caplog.at_level("WARNING"):
         model = jaxinfer.load_model(_tiny_gguf(tmp_path, {"weight": "Q8_0"}))  # Q8_0 kept: no line
     assert not caplog.records and _layouts(model.params) == {"q8_0"}
-    # The float32 file rewritten with Q5_0 projections: gguf writes that type, no layout holds it
+    # The float32 file rewritten with MXFP4 projections: gguf writes that type, no layout holds it
     reader = gguf_file.read_gguf(_tiny_gguf(tmp_path, {}))
     tensors = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(
         [int(d) for d in reversed(t.shape.tolist())]) for t in reader.tensors}
-    w = gguf.GGUFWriter(str(tmp_path / "q5.gguf"), "llama")
+    w = gguf.GGUFWriter(str(tmp_path / "mxfp4.gguf"), "llama")
     for field in reader.fields.values():
         if not field.name.startswith(("GGUF.", "general.architecture")):
             w.add_key_value(field.name, field.contents(), field.types[0],
                             field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
     for name, t in tensors.items():
         if t.ndim == 2:
-            w.add_tensor(name, gguf.quants.quantize(t, Q.Q5_0), raw_dtype=Q.Q5_0)
+            w.add_tensor(name, gguf.quants.quantize(t, Q.MXFP4), raw_dtype=Q.MXFP4)
         else:
             w.add_tensor(name, t)
     w.write_header_to_file()
@@ -145,9 +146,9 @@ def test_gguf_type_without_a_layout_is_dequantized_with_one_line(tmp_path, caplo
     w.write_tensors_to_file()
     w.close()
     with caplog.at_level("WARNING"):
-        model = jaxinfer.load_model(tmp_path / "q5.gguf")
+        model = jaxinfer.load_model(tmp_path / "mxfp4.gguf")
     lines = [r.getMessage() for r in caplog.records]
-    assert lines == ["jaxinfer: token_embd.weight and 15 more: GGUF type Q5_0 has no quantized layout here; "
+    assert lines == ["jaxinfer: token_embd.weight and 15 more: GGUF type MXFP4 has no quantized layout here; "
                      "dequantized at load"], lines
     assert _layouts(model.params) == set()
 
@@ -240,7 +241,7 @@ def test_orbax_round_trip_of_a_quantized_model(tmp_path):
     assert _layouts(dequantized.params) == set()
     for a, b in zip(jax.tree.leaves(dequantized.params), jax.tree.leaves(quant.dequantize_tree(original.params))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert _layouts(jaxinfer.load_model(dst, quantize="int8").params) == {"int8_channel"}
+    assert _layouts(jaxinfer.load_model(dst, quantize="int8").params) == {"q8_0"}
 
 
 def test_a_quantized_preset_never_passes_through_float32(tmp_path):

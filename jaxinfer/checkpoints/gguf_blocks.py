@@ -10,6 +10,9 @@ Byte layouts (ggml-common.h's block_* structs, all little-endian):
 - Q8_0 (34 bytes / 32): d f16, qs int8[32]
 - Q4_0 (18 / 32): d f16, qs[16] (code i low nibble of byte i, code i + 16 its high one: our order already)
 - Q4_1 (20 / 32): d f16, m f16, qs[16]
+- Q5_0 (22 / 32): d f16, qh[4] (bit i of the little-endian word: the fifth bit of code i, our bit plane already),
+  qs[16] as Q4_0's
+- Q5_1 (24 / 32): d f16, m f16, qh[4], qs[16]
 - Q4_K (144 / 256): d f16, dmin f16, scales[12] (8 six-bit scales and 8 six-bit mins), qs[128] (per 64 codes,
   32 bytes: codes 0..31 in the low nibbles, 32..63 in the high ones)
 - Q5_K (176 / 256): as Q4_K with qh[32] before qs: bit j of qh[l] is the fifth bit of code 32 j + l
@@ -24,9 +27,10 @@ import numpy as np
 from jaxinfer import quant
 
 # GGUF type name -> the quant layout that holds it exactly.
-KEPT = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "int4_g32_min", "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k"}
-_BLOCK = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q4_K": (256, 144), "Q5_K": (256, 176),
-          "Q6_K": (256, 210)}
+KEPT = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "int4_g32_min", "Q5_0": "q5_0", "Q5_1": "q5_1", "Q4_K": "q4_k",
+        "Q5_K": "q5_k", "Q6_K": "q6_k"}
+_BLOCK = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
+          "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
 
 
 def _blocks(data: np.ndarray, type_name: str) -> np.ndarray:
@@ -78,6 +82,17 @@ def q4_1(data: np.ndarray) -> dict[str, np.ndarray]:
     return {"values": _rows(b[..., 4:]), "scales": _f16(b[..., 0:2]), "mins": _f16(b[..., 2:4])}
 
 
+def q5_0(data: np.ndarray) -> dict[str, np.ndarray]:
+    b = _blocks(data, "Q5_0")
+    return {"values": _rows(b[..., 6:]), "high_bits": _rows(b[..., 2:6]), "scales": _f16(b[..., 0:2])}
+
+
+def q5_1(data: np.ndarray) -> dict[str, np.ndarray]:
+    b = _blocks(data, "Q5_1")
+    return {"values": _rows(b[..., 8:]), "high_bits": _rows(b[..., 4:8]), "scales": _f16(b[..., 0:2]),
+            "mins": _f16(b[..., 2:4])}
+
+
 def _k_min_parts(b: np.ndarray, codes: np.ndarray) -> dict[str, np.ndarray]:
     sc, mn = _k_scales(b[..., 4:16])
     return {"values": quant.pack_nibbles(_rows(codes & 0x0F)), "scales": _rows(sc), "mins": _rows(mn),
@@ -108,7 +123,8 @@ def q6_k(data: np.ndarray) -> dict[str, np.ndarray]:
             "scales": _rows(np.ascontiguousarray(b[..., 192:208]).view(np.int8)), "super_scales": _f16(b[..., 208:210])}
 
 
-CONVERTERS = {"Q8_0": q8_0, "Q4_0": q4_0, "Q4_1": q4_1, "Q4_K": q4_k, "Q5_K": q5_k, "Q6_K": q6_k}
+CONVERTERS = {"Q8_0": q8_0, "Q4_0": q4_0, "Q4_1": q4_1, "Q5_0": q5_0, "Q5_1": q5_1, "Q4_K": q4_k, "Q5_K": q5_k,
+              "Q6_K": q6_k}
 
 
 def parts(type_name: str, data: np.ndarray) -> dict[str, np.ndarray]:
