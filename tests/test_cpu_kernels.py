@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinfer.cpu_kernels import build, qmatmul as qm
+from jaxinfer.cpu_kernels import build
+from jaxinfer.cpu_kernels import qmatmul as qm
 
 LAYOUTS = tuple(qm.LAYOUTS)
 K = 96  # three blocks
@@ -155,7 +156,10 @@ def test_under_jit_and_scan(layout):
 def test_vmap():
     parts = random_parts("int4_g32_min", 13, K, lead=(3,))
     x = random_x(12, K).reshape(3, 4, K)
-    f = lambda x, p: qm.qmatmul(x, "int4_g32_min", p)  # noqa: E731
+
+    def f(x, p):
+        return qm.qmatmul(x, "int4_g32_min", p)
+
     one = {k: v[0] for k, v in parts.items()}
     want = qm.qmatmul_reference(x, "int4_g32_min", one, activations="int8")
     assert_close(jax.vmap(f, in_axes=(0, None))(x, one), want, SAME_ARITHMETIC)  # x's batch folds into M
@@ -172,20 +176,20 @@ def test_vmap():
 
 def test_shard_map_over_output_rows():
     """W's rows split over 8 CPU devices, x replicated: each device runs the kernel on its local shard."""
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     if len(jax.devices()) < 8:
         pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
     mesh = Mesh(np.array(jax.devices()[:8]), ("tp",))
     parts = random_parts("q4_0", 8 * 5, K)
     x = random_x(3)
-    shard_map = jax.shard_map if hasattr(jax, "shard_map") else __import__("jax.experimental.shard_map").shard_map
 
     def local(x, p):
         assert p["values"].shape == (5, K // 2), p["values"].shape
         return qm.qmatmul(x, "q4_0", p)
 
-    f = jax.jit(shard_map(local, mesh=mesh, in_specs=(P(), P("tp")), out_specs=P(None, "tp")))
+    f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P("tp")), out_specs=P(None, "tp")))
     sharded = jax.device_put(parts, NamedSharding(mesh, P("tp")))
     assert_close(f(x, sharded), qm.qmatmul_reference(x, "q4_0", parts, activations="int8"), SAME_ARITHMETIC)
 

@@ -91,7 +91,7 @@ def compiler() -> list[str]:
 def compiler_version(cxx: list[str]) -> str:
     """`cxx --version`'s output; KernelsUnavailable when the compiler is missing or fails."""
     try:
-        done = subprocess.run([*cxx, "--version"], capture_output=True, text=True, timeout=60)
+        done = subprocess.run([*cxx, "--version"], check=False, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise KernelsUnavailable(f"no C++ compiler {shlex.join(cxx)!r} ({e})") from None
     if done.returncode != 0:
@@ -127,7 +127,7 @@ def _compile(cxx: list[str], target: Path) -> None:
     command = [*cxx, *build_flags(), *(str(SOURCE_DIR / s) for s in MAIN_SOURCES), "-o", tmp]
     try:
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+            done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         except (OSError, subprocess.TimeoutExpired) as e:
             raise KernelsUnavailable(f"{shlex.join(cxx)} could not build the kernels ({e})") from None
         if done.returncode != 0:

@@ -30,6 +30,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -270,14 +271,15 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t threads, int64_t num_chunks, std
   job->finished.wait(lock, [&] { return job->done.load() == job->num_chunks; });
 }
 
-// Rows per chunk: enough chunks to balance the threads; each worth at least ~16 KB of weights streamed per x row
-// (handing a chunk to a helper costs microseconds: a 576 x 192 q4_0 matvec is ~60 KB); few enough rows that a chunk's
+// Rows per chunk: enough chunks to balance the threads; each worth at least ~32 KB of weights streamed per x row
+// (a helper task starts 60-120 us after it is scheduled on a loaded 2-core machine: a 576 x 192 q4_0 matvec, 62 KB,
+// takes ~13 us on one thread); few enough rows that a chunk's
 // weights stay in cache while every x row passes over them (M > 1; the float path holds them dequantized).
 int64_t RowsPerChunk(const Weights& w, int64_t m, bool float_activations, int64_t threads) {
   const int64_t stored_row = w.row_bytes + 2 * w.blocks * (w.mins ? 2 : 1);
   const int64_t cached_row = float_activations ? 4 * w.k : stored_row;
   int64_t cache_rows = std::max<int64_t>(1, (m == 1 ? 65536 : float_activations ? 196608 : 65536) / cached_row);
-  int64_t least_rows = std::max<int64_t>(1, 16384 / (stored_row * m));
+  int64_t least_rows = std::max<int64_t>(1, 32768 / (stored_row * m));
   int64_t balance_rows = std::max<int64_t>(1, (w.n + 4 * threads - 1) / (4 * threads));
   int64_t rows = std::min(cache_rows, std::max(least_rows, balance_rows));
   return m == 1 ? rows : (rows + 3) / 4 * 4;  // whole tiles of rows
@@ -361,7 +363,9 @@ ffi::Error QMatmul(ffi::ThreadPool pool, Layout layout, ffi::Buffer<ffi::F32> x,
     return ffi::Error::InvalidArgument("qmatmul: isa " + std::to_string(isa) + " is not one this CPU has (best " +
                                        std::to_string(best) + ")");
   }
-  if (threads <= 0) threads = std::max<int64_t>(1, pool.num_threads());
+  // XLA's pool has a thread per forced host device (8 in the tests on 2 cores): no more threads than cores.
+  const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  threads = std::min(cores, threads > 0 ? threads : std::max<int64_t>(1, pool.num_threads()));
 
   Weights w{layout, static_cast<const uint8_t*>(values.untyped_data()), scales.typed_data(),
             mins ? mins->typed_data() : nullptr, n, k, k / kBlock,

