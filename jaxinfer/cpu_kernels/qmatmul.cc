@@ -71,7 +71,8 @@ struct Activations {
   const int8_t* q;  // [M, K]
   const float* d;   // [M, K/32]
   const float* s;   // [M, K/32] d * sum_i q: the block sum the min multiplies
-  int64_t m, k, blocks;
+  const float* s_by_block;  // [K/32, m_padded] the same, x rows adjacent (zeros past M): 4 rows load as one vector
+  int64_t m, k, blocks, m_padded;
 };
 
 // float16 bits -> float32, portable (the SIMD paths use F16C).
@@ -288,15 +289,15 @@ int64_t RowsPerChunk(const Weights& w, int64_t m, bool float_activations, int64_
 // One (x, W) pair of the batch: quantize x, then the row chunks in parallel.
 void Matmul(ffi::ThreadPool& pool, int64_t threads, int64_t isa, bool float_activations, const Weights& w,
             const float* x_data, int64_t m, float* y) {
-  std::vector<int8_t> codes(float_activations ? 0 : m * w.k);
-  std::vector<float> scales(float_activations ? 0 : m * w.blocks), sums(float_activations ? 0 : m * w.blocks);
-  if (!float_activations) {
-    for (int64_t i = 0; i < m; ++i) {
-      QuantizeRow(x_data + i * w.k, w.k, codes.data() + i * w.k, scales.data() + i * w.blocks,
-                  sums.data() + i * w.blocks);
-    }
+  const int64_t m_padded = (m + 3) / 4 * 4, blocks = float_activations ? 0 : w.blocks;
+  std::vector<int8_t> codes(blocks * kBlock * m);
+  std::vector<float> scales(blocks * m), sums(blocks * m), sums_by_block(blocks * m_padded, 0.0f);
+  for (int64_t i = 0; i < m && !float_activations; ++i) {
+    QuantizeRow(x_data + i * w.k, w.k, codes.data() + i * w.k, scales.data() + i * w.blocks,
+                sums.data() + i * w.blocks);
+    for (int64_t b = 0; b < w.blocks; ++b) sums_by_block[b * m_padded + i] = sums[i * w.blocks + b];
   }
-  Activations x{x_data, codes.data(), scales.data(), sums.data(), m, w.k, w.blocks};
+  Activations x{x_data, codes.data(), scales.data(), sums.data(), sums_by_block.data(), m, w.k, w.blocks, m_padded};
   int64_t rows = RowsPerChunk(w, m, float_activations, threads);
   int64_t num_chunks = (w.n + rows - 1) / rows;
   ParallelFor(pool, threads, num_chunks, [&, rows](int64_t i) {

@@ -36,7 +36,10 @@ LAYOUTS: dict[str, tuple[tuple[str, np.dtype, int], ...]] = {
 }
 ISAS = ("scalar", "avx2", "avx512")  # qmatmul.cc's Isa values 1, 2, 3
 ISA_ENV = "JAXINFER_CPU_KERNELS_ISA"
-ACTIVATIONS = ("int8", "float32")
+ACTIVATIONS = ("int8", "float32", "auto")
+# activations="auto": from this many rows of x on, float activations (a dequantized panel of W through an sgemm tile)
+# beat int8 block dots on AVX2, whose maddubs + madd + convert + fma per block pair do ~10 flops an instruction.
+FLOAT_ACTIVATIONS_FROM_M = 32
 
 
 def supported_isas() -> tuple[str, ...]:
@@ -80,7 +83,8 @@ def qmatmul(x: jax.Array, layout: str, parts: dict[str, jax.Array], *, activatio
             threads: int | None = None, isa: str | None = None) -> jax.Array:
     """x [..., K] (float32 or bfloat16) @ dequantize(W).T -> float32 [..., N], W [N, K] stored as `layout`'s parts.
 
-    activations: "int8" (x quantized per block of 32, integer block dots) or "float32" (float dots).
+    activations: "int8" (x quantized per block of 32, integer block dots), "float32" (float dots), or "auto" (int8
+    below FLOAT_ACTIVATIONS_FROM_M rows of x, float32 from there: the faster of the two on AVX2).
     threads: at most this many threads of XLA's intra-op pool (None: all). isa: the highest instruction set to use
     (None: $JAXINFER_CPU_KERNELS_ISA, else the CPU's best). Works under jit, lax.scan (a weight sliced per layer),
     vmap (vmap_method="expand_dims": batched weights loop in the kernel) and shard_map (local shards)."""
@@ -96,6 +100,8 @@ def qmatmul(x: jax.Array, layout: str, parts: dict[str, jax.Array], *, activatio
     x2 = x.astype(jnp.float32).reshape(-1, k)  # [M, K]: the leading dims fold into M
     if x2.shape[0] == 0:
         return jnp.zeros((*lead, n), jnp.float32)
+    if activations == "auto":
+        activations = "float32" if x2.shape[0] >= FLOAT_ACTIVATIONS_FROM_M else "int8"
     call = jax.ffi.ffi_call(f"jaxinfer_qmatmul_{layout}", jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
                             vmap_method="expand_dims")
     build.library()  # built and registered before the call is lowered
@@ -144,7 +150,7 @@ def qmatmul_reference(x: jax.Array, layout: str, parts: dict[str, jax.Array], *,
                       activations: str = "float32") -> jax.Array:
     """x [..., K] @ dequantize(W).T in float32 -> [..., N]. activations="int8": x first rounded as the kernel rounds
     it (the kernel's own arithmetic up to the order of float sums); "float32": the exact product."""
-    if activations not in ACTIVATIONS:
+    if activations not in ("int8", "float32"):
         raise ValueError(f"activations={activations!r} must be one of {ACTIVATIONS}")
     x = x.astype(jnp.float32)
     if activations == "int8":
