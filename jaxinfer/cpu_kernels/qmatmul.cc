@@ -72,8 +72,29 @@ struct Activations {
   const float* d;   // [M, K/32]
   const float* s;   // [M, K/32] d * sum_i q: the block sum the min multiplies
   const float* s_by_block;  // [K/32, m_padded] the same, x rows adjacent (zeros past M): 4 rows load as one vector
+  // M = 1, nibble layouts: row 0's codes per pair of blocks (b, b + 1) in the lanes a 32-byte load of their nibbles
+  // puts them, [b 0..15 | b+1 0..15 | b 16..31 | b+1 16..31] ([K/64, 64]), and their scales [d_b x 4 | d_b+1 x 4].
+  const int8_t* q_pairs;  // [K/64 * 64] or null
+  const float* d_pairs;   // [K/64 * 8] or null
   int64_t m, k, blocks, m_padded;
 };
+
+// x row 0's codes and scales laid out per pair of blocks (Activations::q_pairs, d_pairs).
+inline void PairBlocks(const int8_t* q, const float* d, int64_t blocks, int8_t* q_pairs, float* d_pairs) {
+  for (int64_t b = 0; b + 2 <= blocks; b += 2) {
+    int8_t* out = q_pairs + b * kBlock;  // 64 bytes per pair
+    const int8_t* first = q + b * kBlock;
+    const int8_t* second = first + kBlock;
+    std::memcpy(out, first, 16);
+    std::memcpy(out + 16, second, 16);
+    std::memcpy(out + 32, first + 16, 16);
+    std::memcpy(out + 48, second + 16, 16);
+    for (int i = 0; i < 4; ++i) {
+      d_pairs[b * 4 + i] = d[b];
+      d_pairs[b * 4 + 4 + i] = d[b + 1];
+    }
+  }
+}
 
 // float16 bits -> float32, portable (the SIMD paths use F16C).
 inline float HalfToFloat(uint16_t h) {
@@ -297,7 +318,12 @@ void Matmul(ffi::ThreadPool& pool, int64_t threads, int64_t isa, bool float_acti
                 sums.data() + i * w.blocks);
     for (int64_t b = 0; b < w.blocks; ++b) sums_by_block[b * m_padded + i] = sums[i * w.blocks + b];
   }
-  Activations x{x_data, codes.data(), scales.data(), sums.data(), sums_by_block.data(), m, w.k, w.blocks, m_padded};
+  const bool pairs = m == 1 && !float_activations && w.layout != Layout::kQ8_0;
+  std::vector<int8_t> q_pairs(pairs ? w.k : 0);
+  std::vector<float> d_pairs(pairs ? w.blocks * 4 : 0);
+  if (pairs) PairBlocks(codes.data(), scales.data(), w.blocks, q_pairs.data(), d_pairs.data());
+  Activations x{x_data,         codes.data(), scales.data(), sums.data(), sums_by_block.data(),
+                q_pairs.data(), d_pairs.data(), m, w.k, w.blocks, m_padded};
   int64_t rows = RowsPerChunk(w, m, float_activations, threads);
   int64_t num_chunks = (w.n + rows - 1) / rows;
   ParallelFor(pool, threads, num_chunks, [&, rows](int64_t i) {
