@@ -29,9 +29,14 @@ class Model:
     # How generate and the Engine store this model's KV cache: None (the model's dtype), "int8" or "fp8"
     # (jaxinfer.kv_cache): 1 + 4 / head_dim and 1 byte per element, against float32's 4.
     kv_cache_dtype: str | None = None
+    # How generate and the Engine contract quantized weights (Runtime.quantized_matmul): None, the CPU kernels
+    # (jaxinfer.cpu_kernels) on the CPU where they built, else XLA's dequantize-and-dot; "xla"; "kernel";
+    # "kernel-int8" (activations rounded to int8 per block, as llama.cpp does: faster, not the same numbers).
+    quantized_matmul: str | None = None
 
     def __post_init__(self):
         check_kv_cache_dtype(self.kv_cache_dtype)
+        quant.check_quantized_matmul(self.quantized_matmul)
 
 
 def load_model(
@@ -52,7 +57,7 @@ def load_model(
     measured default (jaxinfer.model.DEFAULT_LAYOUT). Tokens and logits are the same either way. A GGUF whose
     layers store a field in different block types (llama.cpp's Q4_K_M) loads unrolled.
     quantize: how the weights are held (jaxinfer.quant). "auto" keeps a quantized file's blocks as stored
-    (GGUF Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K) and leaves float weights float; "none" dequantizes everything to
+    (GGUF Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) and leaves float weights float; "none" dequantizes everything to
     dtype; "int8" (GGUF's Q8_0: a float16 scale per 32), "int8-channel" (a scale per output channel), "int4"
     (groups of 32 with a min, GGUF's Q4_1; "int4-g64", "int4-g128") and "fp8" (e4m3, per output channel) hold every
     projection so, quantized tensor by tensor as it is read.

@@ -185,7 +185,7 @@ def check_attention_backend(attention_backend, kv_cache_dtype: str | None = None
 
 def _runtime(model_, attention_backend) -> Runtime:
     check_attention_backend(attention_backend, model_.kv_cache_dtype)
-    return Runtime(attention_backend=attention_backend, mesh=model_.mesh)
+    return Runtime(attention_backend=attention_backend, mesh=model_.mesh, quantized_matmul=model_.quantized_matmul)
 
 
 def _padded_batch(token_lists: list[list[int]], batch: int, length: int) -> tuple[np.ndarray, np.ndarray]:

@@ -269,11 +269,11 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def mlp(layer: Layer, x: jax.Array) -> jax.Array:
-    """SwiGLU: x [B, T, D] -> [B, T, D]."""
-    gate = quant.einsum("BTD,DF->BTF", x, layer.w_gate)
-    up = quant.einsum("BTD,DF->BTF", x, layer.w_up)
-    return quant.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, layer.w_down)
+def mlp(layer: Layer, x: jax.Array, matmul: str | None = None) -> jax.Array:
+    """SwiGLU: x [B, T, D] -> [B, T, D]. matmul: Runtime.quantized_matmul."""
+    gate = quant.einsum("BTD,DF->BTF", x, layer.w_gate, matmul=matmul)
+    up = quant.einsum("BTD,DF->BTF", x, layer.w_up, matmul=matmul)
+    return quant.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, layer.w_down, matmul=matmul)
 
 
 def embed_lookup(embed: jax.Array, tokens: jax.Array, tp_axis: str | None = None) -> jax.Array:
@@ -333,13 +333,13 @@ def _join_tokens(parts: list[jax.Array]) -> jax.Array:
     return flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=1)
 
 
-def attention_block(layer, cfg, x, inv_freq, pool, groups, write_to, index, backend):
+def attention_block(layer, cfg, x, inv_freq, pool, groups, write_to, index, backend, matmul=None):
     """x [1, N, D] (every group's tokens) -> ([1, N, D], pool): project, rotate, write layer `index` of the stacked
     cache pool (kv_cache.Pool: pages [L, K, P, page_size, H], and scales when quantized) at write_to (page, slot)
     [1, N], attend group by group, project out."""
-    q = quant.einsum("BTD,DNH->BTNH", x, layer.wq)
-    k = quant.einsum("BTD,DKH->BTKH", x, layer.wk)
-    v = quant.einsum("BTD,DKH->BTKH", x, layer.wv)
+    q = quant.einsum("BTD,DNH->BTNH", x, layer.wq, matmul=matmul)
+    k = quant.einsum("BTD,DKH->BTKH", x, layer.wk, matmul=matmul)
+    v = quant.einsum("BTD,DKH->BTKH", x, layer.wv, matmul=matmul)
     if cfg.qkv_bias:
         q, k, v = q + layer.bq, k + layer.bk, v + layer.bv
     positions = _join_tokens([g.positions for g in groups])  # [1, N]
@@ -356,27 +356,27 @@ def attention_block(layer, cfg, x, inv_freq, pool, groups, write_to, index, back
         for g, qg in zip(groups, _split_tokens(q, groups))
     ]
     o = _join_tokens(outs)  # [1, N, heads, H]
-    return quant.einsum("BTNH,NHD->BTD", o, layer.wo), pool  # one [1, T, N*H] x [N*H, D] dot
+    return quant.einsum("BTNH,NHD->BTD", o, layer.wo, matmul=matmul), pool  # one [1, T, N*H] x [N*H, D] dot
 
 
-def decoder_layer(layer, cfg, x, pool, index, *, groups, write_to, inv_freq, backend, tp_axis):
+def decoder_layer(layer, cfg, x, pool, index, *, groups, write_to, inv_freq, backend, tp_axis, matmul=None):
     """One layer: x [1, N, D] -> x [1, N, D], with this chunk's K/V written into layer `index` of the cache;
     groups: a _GroupKeys per group of rows, in the order of their tokens in x; write_to: where each token's K/V
     goes, kv_cache.page_addresses' (page, slot) [1, N]."""
     layer = quant.after(layer, x)  # a quantized layer's weights are dequantized as it runs, not all at the start
     with jax.named_scope("attention"):
         h = rms_norm(x, layer.attn_norm, cfg.norm_eps)
-        h, pool = attention_block(layer, cfg, h, inv_freq, pool, groups, write_to, index, backend)
+        h, pool = attention_block(layer, cfg, h, inv_freq, pool, groups, write_to, index, backend, matmul)
         x = x + all_reduce(h, tp_axis)
     with jax.named_scope("mlp"):
-        x = x + all_reduce(mlp(layer, rms_norm(x, layer.mlp_norm, cfg.norm_eps)), tp_axis)
+        x = x + all_reduce(mlp(layer, rms_norm(x, layer.mlp_norm, cfg.norm_eps), matmul), tp_axis)
     return x, pool
 
 
 # The unrolled layout calls its layers through one jit: every layer has the same shapes, so the layer is traced
 # and lowered once (a call XLA inlines), not 30 times. Measured on the default model's engine step: trace 4.1 ->
 # 0.5 s, lowering 1.7 -> 0.7 s per start, the decode step no slower (56.8 vs 64.3 ms median, interleaved).
-_decoder_layer_call = jax.jit(decoder_layer, static_argnames=("cfg", "backend", "tp_axis"))
+_decoder_layer_call = jax.jit(decoder_layer, static_argnames=("cfg", "backend", "tp_axis", "matmul"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,7 +424,7 @@ def forward_rows(
     addresses = [kv_cache.page_addresses(g.page_table, g.positions, num_pages, page_size) for g in groups]
     write_to = tuple(_join_tokens([a[i] for a in addresses]) for i in (0, 1))  # (page, slot) [1, N] each
     layer_args = dict(groups=groups, write_to=write_to, inv_freq=rope_inv_freq(cfg), backend=runtime.attention_backend,
-                      tp_axis=tp_axis)
+                      tp_axis=tp_axis, matmul=runtime.quantized_matmul)
     with jax.named_scope("embed"):
         x = embed_lookup(params.embed, _join_tokens([r.tokens for r in rows]), tp_axis)  # [1, N, D]
     pool = cache.pool  # pages [L, K, P, page_size, H] (and a quantized cache's scales)
@@ -452,15 +452,14 @@ def forward_rows(
     return tuple(_split_tokens(x, groups)), cache
 
 
-def logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
-    """hidden [..., D] -> logits [..., V] float32 (tied head reuses the embedding)."""
+def logits(params: Params, cfg: ModelConfig, hidden: jax.Array, matmul: str | None = None) -> jax.Array:
+    """hidden [..., D] -> logits [..., V] float32 (tied head reuses the embedding). matmul: Runtime.quantized_matmul."""
+    head, spec = (params.embed, "...D,VD->...V") if params.lm_head is None else (params.lm_head, "...D,DV->...V")
     with jax.named_scope("logits"):
-        if params.lm_head is None:
-            return quant.einsum_by_rows("...D,VD->...V", hidden, params.embed, preferred_element_type=jnp.float32)
-        return quant.einsum_by_rows("...D,DV->...V", hidden, params.lm_head, preferred_element_type=jnp.float32)
+        return quant.einsum_by_rows(spec, hidden, head, matmul=matmul, preferred_element_type=jnp.float32)
 
 
 def forward(params, cfg, tokens, positions, cache, seq_ids, *, runtime: Runtime = DEFAULT_RUNTIME):
     """tokens [B, T] -> (logits [B, T, V] float32, cache). See forward_hidden for the arguments."""
     hidden, cache = forward_hidden(params, cfg, tokens, positions, cache, seq_ids, runtime=runtime)
-    return logits(params, cfg, hidden), cache
+    return logits(params, cfg, hidden, runtime.quantized_matmul), cache

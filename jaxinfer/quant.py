@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from jaxinfer import cpu_kernels
+from jaxinfer.cpu_kernels import qmatmul as cpu_qmatmul
 from jaxinfer.quant_modes import MODES, QUANTIZE_CHOICES
 
 # --------------------------------------------------------------------------------------------
@@ -314,12 +316,46 @@ def dequantize(w) -> jax.Array:
     return x.transpose(order)
 
 
-def einsum(spec: str, x: jax.Array, w, **kwargs) -> jax.Array:
+# How a quantized weight meets its activations (Runtime.quantized_matmul; None: the platform's choice, see
+# kernel_activations): XLA's dequantize-and-dot, or jaxinfer.cpu_kernels' matmul with float or int8 activations.
+QUANTIZED_MATMULS = ("xla", "kernel", "kernel-int8")
+
+
+def check_quantized_matmul(matmul) -> str | None:
+    """The quantized_matmul value, or a ValueError naming it."""
+    if matmul is not None and matmul not in QUANTIZED_MATMULS:
+        raise ValueError(f"quantized_matmul={matmul!r} must be one of {QUANTIZED_MATMULS} or None")
+    return matmul
+
+
+def kernel_activations(w, matmul: str | None) -> str | None:
+    """How the CPU kernel takes this contraction's activations ("float32" / "int8"), or None for XLA's path.
+    None (the default) picks the kernel with float activations on the CPU where the kernels built and hold w's
+    layout; an explicit "kernel" / "kernel-int8" on a layout the kernel lacks also falls back to XLA (the same
+    function), but off the CPU, or where the kernels did not build, it is a ValueError."""
+    if not is_quant(w) or matmul == "xla":
+        return None
+    on_cpu = jax.default_backend() == "cpu"
+    if matmul is None:
+        usable = on_cpu and w.layout in cpu_qmatmul.LAYOUTS and cpu_kernels.available()
+        return "float32" if usable else None
+    if not on_cpu:
+        raise ValueError(f"quantized_matmul={matmul!r} runs on the CPU only (the backend is {jax.default_backend()})")
+    if not cpu_kernels.available():
+        raise ValueError(f"quantized_matmul={matmul!r}: the CPU kernels are unavailable: "
+                         f"{cpu_kernels.unavailable_reason()}")
+    if w.layout not in cpu_qmatmul.LAYOUTS:
+        return None
+    return "int8" if matmul == "kernel-int8" else "float32"
+
+
+def einsum(spec: str, x: jax.Array, w, *, matmul: str | None = None, **kwargs) -> jax.Array:
     """jnp.einsum(spec, x, w) for a float w or a QuantArray w (its logical layout in spec; no lead axis).
 
     Several contracted dims are flattened into one first (wo's "BTNH,NHD->BTD" is one [.., N*H] x [N*H, D] dot:
-    contracting two dims made XLA:CPU transpose-copy the weight every step). A QuantArray is dequantized in its
-    stored layout and contracted there (XLA's dequantize-and-dot); it must not be held dequantized past its dot."""
+    contracting two dims made XLA:CPU transpose-copy the weight every step). A QuantArray goes to the CPU kernel
+    where `matmul` (Runtime.quantized_matmul) and kernel_activations say so; otherwise it is dequantized in its
+    stored layout and contracted there (XLA's dequantize-and-dot), never held dequantized past its dot."""
     lhs, rest = spec.split(",")
     rhs, out = rest.split("->")
     contracted = "".join(c for c in rhs if c in lhs and c not in out)
@@ -336,6 +372,10 @@ def einsum(spec: str, x: jax.Array, w, **kwargs) -> jax.Array:
     if expected != contracted or len(contracted) != 1 + len(w.contract_inner):
         raise ValueError(f"einsum {spec!r}: {w.layout} weight {w.shape} contracts {expected!r}, not {contracted!r}")
     x, lhs = _merge(x, lhs, contracted)
+    activations = kernel_activations(w, matmul)
+    if activations is not None:
+        dtype = kwargs.get("preferred_element_type") or jnp.result_type(x.dtype, w.dtype)
+        return _kernel_einsum(lhs, rhs.replace(contracted, ""), contracted[0], out, x, w, activations, dtype)
     spec = f"{lhs},{rhs.replace(contracted, '')}{contracted[0]}->{out}"  # w as stored: the out letters, then C
     if w.spec.decode_halves is None:
         return jnp.einsum(spec, x, dequantize_storage(w), **kwargs)
@@ -348,26 +388,40 @@ def einsum(spec: str, x: jax.Array, w, **kwargs) -> jax.Array:
     return sum(jnp.einsum(spec, xh, wh, **kwargs) for xh, wh in zip(halves, weights))
 
 
+def _kernel_einsum(lhs: str, w_out: str, c: str, out: str, x: jax.Array, w: QuantArray, activations: str, dtype):
+    """x (subscripts lhs, contracting the one letter c) against w stored [*w_out, C], through the CPU kernel:
+    x's c moved last, w's out dims flattened to the kernel's N, the result's letters put in out's order."""
+    x_rest = lhs.replace(c, "")
+    if not lhs.endswith(c):
+        x = jnp.einsum(f"{lhs}->{x_rest}{c}", x)
+    rows = math.prod(w.out_shape)
+    parts = {name: p.reshape(rows, p.shape[-1]) for name, p in w.parts.items()}  # [*out, n] -> [N, n]
+    y = cpu_qmatmul.qmatmul(x, w.layout, parts, activations=activations)  # [..., N] float32
+    y = y.reshape(*y.shape[:-1], *w.out_shape).astype(dtype)
+    return y if f"{x_rest}{w_out}" == out else jnp.einsum(f"{x_rest}{w_out}->{out}", y)
+
+
 MAX_DEQUANTIZED_ELEMENTS = 1 << 24  # einsum_by_rows: float32 elements of one chunk dequantized at a time (64 MB)
 
 
-def einsum_by_rows(spec: str, x: jax.Array, w, **kwargs) -> jax.Array:
+def einsum_by_rows(spec: str, x: jax.Array, w, *, matmul: str | None = None, **kwargs) -> jax.Array:
     """einsum(spec, x, w) for a weight with one out dim (the lm_head / tied embedding, [V, D] stored): a QuantArray
     of more than MAX_DEQUANTIZED_ELEMENTS is contracted a chunk of out rows at a time in a loop, so one chunk is
     dequantized at once, not the whole (Llama 3's 128256 x 4096 head: 2.1 GB of float32 a step). Float: einsum."""
-    if not is_quant(w) or w.out_ndim != 1 or w.lead_ndim:
-        return einsum(spec, x, w, **kwargs)
+    if not is_quant(w) or w.out_ndim != 1 or w.lead_ndim or kernel_activations(w, matmul) is not None:
+        return einsum(spec, x, w, matmul=matmul, **kwargs)  # the kernel dequantizes nothing
     rows, contraction = w.out_shape[0], w.contraction
     chunks = next((n for n in range(1, rows + 1) if rows % n == 0 and rows // n * contraction <= MAX_DEQUANTIZED_ELEMENTS),
                   rows)
     if chunks == 1:
-        return einsum(spec, x, w, **kwargs)
+        return einsum(spec, x, w, matmul="xla", **kwargs)
     lhs, rest = spec.split(",")
     rhs, out = rest.split("->")
     letter = "".join(c for c in rhs if c not in lhs)  # w's out letter (V)
     assert len(letter) == 1 and out.endswith(letter), spec
     stacked = w.map_parts(lambda p: p.reshape(chunks, rows // chunks, *p.shape[1:]))  # [chunks, V / chunks, n]
-    parts = jax.lax.map(lambda c: einsum(spec, x, dataclasses.replace(w, parts=c), **kwargs), stacked.parts)
+    parts = jax.lax.map(lambda c: einsum(spec, x, dataclasses.replace(w, parts=c), matmul="xla", **kwargs),
+                        stacked.parts)
     return jnp.moveaxis(parts, 0, -2).reshape(*parts.shape[1:-1], rows)  # [chunks, ..., V / chunks] -> [..., V]
 
 

@@ -11,6 +11,7 @@ import dataclasses
 from jax.sharding import Mesh
 
 from jaxinfer.attention import BACKENDS
+from jaxinfer.quant import check_quantized_matmul
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,14 +19,20 @@ class Runtime:
     """attention_backend: one of attention.BACKENDS, or None for the platform's default (attention.DEFAULT_BACKEND).
     mesh: None runs on one device; a jax.sharding.Mesh runs the model and sampling under shard_map over its tp
     axis (jaxinfer.sharding), with the same results.
+    quantized_matmul: how a quantized weight meets its activations (jaxinfer.quant.QUANTIZED_MATMULS): "xla"
+    (dequantize and dot), "kernel" (jaxinfer.cpu_kernels' native matmul, float activations: XLA's results up to
+    the order of a sum), "kernel-int8" (activations rounded to int8 per block of 32 and integer dots, as llama.cpp
+    does: faster, not the same numbers), or None: "kernel" on the CPU where the kernels built, else "xla".
     (Scanned or unrolled layers is the params' layout, jaxinfer.model.with_layout: static as a pytree structure.)"""
 
     attention_backend: str | None = None
     mesh: Mesh | None = None
+    quantized_matmul: str | None = None
 
     def __post_init__(self):
         if self.attention_backend is not None and self.attention_backend not in BACKENDS:
             raise ValueError(f"attention_backend={self.attention_backend!r} must be one of {BACKENDS} or None")
+        check_quantized_matmul(self.quantized_matmul)
         if self.mesh is not None and not isinstance(self.mesh, Mesh):
             raise TypeError(f"mesh must be a jax.sharding.Mesh or None, not {type(self.mesh).__name__}")
 

@@ -287,13 +287,15 @@ def forward_rows(params, cfg, rows, cache, *, runtime: Runtime = DEFAULT_RUNTIME
     )(params, rows, cache)
 
 
-def logits(params, cfg, hidden, *, mesh: Mesh | None = None):
-    """model.logits: hidden [..., D] -> [..., V] float32, split over the vocabulary (never gathered) on a mesh."""
+def logits(params, cfg, hidden, *, runtime: Runtime = DEFAULT_RUNTIME):
+    """model.logits: hidden [..., D] -> [..., V] float32, split over the vocabulary (never gathered) on runtime's
+    mesh."""
+    mesh, matmul = runtime.mesh, runtime.quantized_matmul
     if mesh is None:
-        return model.logits(params, cfg, hidden)
+        return model.logits(params, cfg, hidden, matmul)
     vocab_split = P(*([None] * (hidden.ndim - 1)), TP)
     return jax.shard_map(
-        lambda params, hidden: model.logits(params, cfg, hidden),
+        lambda params, hidden: model.logits(params, cfg, hidden, matmul),
         mesh=mesh,
         in_specs=(pspecs_like(params, cfg, tp_size(mesh)), P()),
         out_specs=vocab_split,
@@ -303,7 +305,7 @@ def logits(params, cfg, hidden, *, mesh: Mesh | None = None):
 def forward(params, cfg, tokens, positions, cache, seq_ids, *, runtime: Runtime = DEFAULT_RUNTIME):
     """model.forward on runtime's mesh: tokens [B, T] -> (logits [B, T, V] float32 split over V, cache)."""
     hidden, cache = forward_hidden(params, cfg, tokens, positions, cache, seq_ids, runtime=runtime)
-    return logits(params, cfg, hidden, mesh=runtime.mesh), cache
+    return logits(params, cfg, hidden, runtime=runtime), cache
 
 
 def sample(logits, arrays, keys, seen, *, mesh: Mesh | None = None):

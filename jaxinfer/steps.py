@@ -46,7 +46,7 @@ def _prefill(params, cfg, tokens, positions, cache, seq_ids, logits, *, runtime:
     hidden, cache = sharding.forward_hidden(params, cfg, tokens, positions, cache, seq_ids, runtime=runtime)
     last = jnp.argmax(positions, axis=1)  # [B]: the highest position is the last real token
     h_last = hidden[jnp.arange(tokens.shape[0]), last]  # [B, D]
-    new = sharding.logits(params, cfg, h_last, mesh=runtime.mesh)  # [B, V]
+    new = sharding.logits(params, cfg, h_last, runtime=runtime)  # [B, V]
     has_tokens = jnp.max(positions, axis=1) >= 0  # [B]
     return jnp.where(has_tokens[:, None], new, logits), cache
 
@@ -249,7 +249,7 @@ def _compute_and_sample(
     h_last = jnp.concatenate([h[jnp.arange(h.shape[0]), jnp.argmax(r.positions, axis=1)] for h, r in zip(hidden, rows)])
     seq_ids, sample, output_index = (jnp.concatenate([getattr(r, f) for r in rows])
                                      for f in ("seq_ids", "sample", "output_index"))
-    logits = sharding.logits(params, cfg, h_last, mesh=runtime.mesh)  # [R, V]
+    logits = sharding.logits(params, cfg, h_last, runtime=runtime)  # [R, V]
     sampling = jax.tree.map(lambda a: a[seq_ids], slots.sampling)
     # Rows that do not sample count as greedy, so a batch of them skips the sort.
     sampling = dataclasses.replace(sampling, temperature=jnp.where(sample, sampling.temperature, 0.0))

@@ -63,7 +63,8 @@ class Runner:
         poison_new_pages: bool = False, pack_chunks_up_to: int = 0,
     ):
         self.params, self.cfg = model.params, model.cfg
-        self.runtime = Runtime(attention_backend=attention_backend, mesh=model.mesh)
+        self.runtime = Runtime(attention_backend=attention_backend, mesh=model.mesh,
+                               quantized_matmul=model.quantized_matmul)
         self.max_slots, self.buckets, self.stop_width = max_slots, buckets, stop_width
         self.num_pages = num_pages
         self.poison_new_pages = poison_new_pages

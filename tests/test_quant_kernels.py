@@ -1,0 +1,116 @@
+"""Quantized weights through jaxinfer.cpu_kernels: which contractions the model sends to the native matmul
+(Runtime.quantized_matmul / Model.quantized_matmul), and that they compute what XLA's dequantize-and-dot does."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxinfer
+from conftest import random_prompts
+from jaxinfer import cpu_kernels, kv_cache, quant
+from jaxinfer import model as model_lib
+from jaxinfer.runtime import Runtime
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason=f"CPU kernels: {cpu_kernels.unavailable_reason()}")
+
+KERNEL_CALL = "jaxinfer_qmatmul"  # the FFI target names: jaxinfer_qmatmul_<layout>
+CFG = jaxinfer.ModelConfig.preset("tiny").replace(d_model=128, num_heads=4, head_dim=32, ffn_dim=256)
+
+
+def _logits_program(model: jaxinfer.Model, matmul) -> str:
+    """The lowered text of the logits of a hidden state through the model's head."""
+    hidden = jnp.ones((1, 3, model.cfg.d_model), jnp.float32)
+    return jax.jit(lambda p, h: model_lib.logits(p, model.cfg, h, matmul)).lower(model.params, hidden).as_text()
+
+
+def _forward_program(model: jaxinfer.Model, matmul) -> str:
+    cache = kv_cache.init_cache(model.cfg, max_seqs=1, pages_per_seq=2, num_pages=3, page_size=16)
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    positions = jnp.arange(4, dtype=jnp.int32)[None]
+
+    def run(params, cache):
+        return model_lib.forward(params, model.cfg, tokens, positions, cache, jnp.zeros((1,), jnp.int32),
+                                 runtime=Runtime(quantized_matmul=matmul))
+
+    return jax.jit(run).lower(model.params, cache).as_text()
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_the_default_on_the_cpu_is_the_kernel(quantize):
+    model = jaxinfer.random_model(CFG, quantize=quantize)
+    for matmul in (None, "kernel", "kernel-int8"):
+        text = _forward_program(model, matmul)
+        # every projection (q, k, v, o, gate, up, down) of the scanned layer body, once each, and the tied head
+        assert text.count(f"{KERNEL_CALL}_{quant.MODES[quantize]}") >= 7, matmul
+        assert KERNEL_CALL in _logits_program(model, matmul)
+    assert KERNEL_CALL not in _forward_program(model, "xla")
+
+
+def test_a_layout_without_a_kernel_stays_on_xla():
+    model = jaxinfer.random_model(CFG, quantize="int8-channel")  # int8_channel: no kernel (yet)
+    assert KERNEL_CALL not in _forward_program(model, None)
+    assert KERNEL_CALL not in _forward_program(model, "kernel")
+
+
+@pytest.mark.parametrize("layout", ["scanned", "unrolled"])
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_kernel_logits_equal_xla_logits(quantize, layout):
+    """Float activations: the dequantized function, up to the order of each sum."""
+    model = jaxinfer.random_model(CFG, quantize=quantize, layout=layout)
+    (ids,) = random_prompts(CFG.vocab_size, [20], seed=3)
+    kernel = jaxinfer.score(dataclasses.replace(model, quantized_matmul="kernel"), ids)
+    xla = jaxinfer.score(dataclasses.replace(model, quantized_matmul="xla"), ids)
+    np.testing.assert_allclose(kernel, xla, atol=1e-5 * max(1.0, np.abs(xla).max()), rtol=0)
+
+
+def test_int8_activations_stay_close():
+    """kernel-int8 rounds each block of 32 activations to int8: not the same numbers, close ones (a step of
+    max|x| / 127 per block; measured here: RMS |dlogit| ~0.3% of the logits' spread)."""
+    model = jaxinfer.random_model(CFG, quantize="int8")
+    (ids,) = random_prompts(CFG.vocab_size, [24], seed=4)
+    int8 = np.asarray(jaxinfer.score(dataclasses.replace(model, quantized_matmul="kernel-int8"), ids))
+    xla = np.asarray(jaxinfer.score(dataclasses.replace(model, quantized_matmul="xla"), ids))
+    assert not np.array_equal(int8, xla)
+    assert np.sqrt(np.mean((int8 - xla) ** 2)) < 0.02 * np.std(xla)
+
+
+def test_tensor_parallel_kernel_equals_unsharded():
+    model = jaxinfer.random_model(CFG, quantize="int8")
+    sharded = jaxinfer.random_model(CFG, quantize="int8", tensor_parallel=2)
+    (ids,) = random_prompts(CFG.vocab_size, [12], seed=5)
+    want = jaxinfer.score(dataclasses.replace(model, quantized_matmul="xla"), ids)
+    got = jaxinfer.score(dataclasses.replace(sharded, quantized_matmul="kernel"), ids)
+    np.testing.assert_allclose(got, want, atol=1e-5 * max(1.0, np.abs(want).max()), rtol=0)
+
+
+@pytest.mark.parametrize("matmul", ["kernel", "kernel-int8"])
+def test_engine_tokens_equal_generate_with_the_kernel(matmul):
+    model = dataclasses.replace(jaxinfer.random_model(CFG, quantize="int4"), quantized_matmul=matmul)
+    prompts = random_prompts(CFG.vocab_size, [5, 17, 9], seed=6)
+    greedy = jaxinfer.SamplingParams(temperature=0.0)
+    want = [o.tokens for o in jaxinfer.generate(model, prompts, max_new_tokens=8, sampling=greedy)]
+    engine = jaxinfer.Engine(model, max_slots=4, max_tokens_per_step=32, page_size=8, warm_up=False)
+    assert [o.tokens for o in engine.generate(prompts, sampling=greedy, max_new_tokens=8)] == want
+
+
+def test_bad_quantized_matmul_is_named():
+    with pytest.raises(ValueError, match="quantized_matmul='fast'"):
+        Runtime(quantized_matmul="fast")
+    model = jaxinfer.random_model(CFG, quantize="int8")
+    with pytest.raises(ValueError, match="quantized_matmul='fast'"):
+        dataclasses.replace(model, quantized_matmul="fast")
+
+
+def test_kernels_that_did_not_build(monkeypatch):
+    """The default falls back to XLA; asking for the kernel by name is a ValueError with the reason."""
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    monkeypatch.setattr(cpu_kernels, "unavailable_reason", lambda: "no compiler (g++ not found)")
+    model = jaxinfer.random_model(CFG, quantize="int8")
+    assert KERNEL_CALL not in _forward_program(model, None)
+    with pytest.raises(ValueError, match=r"quantized_matmul='kernel'.*unavailable: no compiler"):
+        _forward_program(model, "kernel")
