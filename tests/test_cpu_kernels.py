@@ -89,9 +89,10 @@ def test_every_instruction_set(layout, isa, activations):
 
 def test_auto_activations_by_rows():
     parts = random_parts("q8_0", 9, K)
-    for m in (qm.FLOAT_ACTIVATIONS_FROM_M - 1, qm.FLOAT_ACTIVATIONS_FROM_M):
+    threshold = qm.FLOAT_ACTIVATIONS_FROM_M["q8_0"]
+    for m in (threshold - 1, threshold):
         x = random_x(m)
-        want = qm.qmatmul(x, "q8_0", parts, activations="int8" if m < qm.FLOAT_ACTIVATIONS_FROM_M else "float32")
+        want = qm.qmatmul(x, "q8_0", parts, activations="int8" if m < threshold else "float32")
         np.testing.assert_array_equal(np.asarray(qm.qmatmul(x, "q8_0", parts, activations="auto")), np.asarray(want))
 
 

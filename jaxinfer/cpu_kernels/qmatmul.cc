@@ -72,14 +72,15 @@ struct Activations {
   const float* d;   // [M, K/32]
   const float* s;   // [M, K/32] d * sum_i q: the block sum the min multiplies
   const float* s_by_block;  // [K/32, m_padded] the same, x rows adjacent (zeros past M): 4 rows load as one vector
-  // M = 1, nibble layouts: row 0's codes per pair of blocks (b, b + 1) in the lanes a 32-byte load of their nibbles
-  // puts them, [b 0..15 | b+1 0..15 | b 16..31 | b+1 16..31] ([K/64, 64]), and their scales [d_b x 4 | d_b+1 x 4].
-  const int8_t* q_pairs;  // [K/64 * 64] or null
-  const float* d_pairs;   // [K/64 * 8] or null
+  // Nibble layouts: x's codes per pair of blocks (b, b + 1) in the lanes a 32-byte load of their nibbles puts them,
+  // [b 0..15 | b+1 0..15 | b 16..31 | b+1 16..31], and their scales [d_b x 4 | d_b+1 x 4]; an odd last block is not
+  // paired (x.q holds it).
+  const int8_t* q_pairs;  // [M, K] or null
+  const float* d_pairs;   // [M, K/32 * 4] or null
   int64_t m, k, blocks, m_padded;
 };
 
-// x row 0's codes and scales laid out per pair of blocks (Activations::q_pairs, d_pairs).
+// One x row's codes and scales laid out per pair of blocks (Activations::q_pairs, d_pairs).
 inline void PairBlocks(const int8_t* q, const float* d, int64_t blocks, int8_t* q_pairs, float* d_pairs) {
   for (int64_t b = 0; b + 2 <= blocks; b += 2) {
     int8_t* out = q_pairs + b * kBlock;  // 64 bytes per pair
@@ -318,10 +319,13 @@ void Matmul(ffi::ThreadPool& pool, int64_t threads, int64_t isa, bool float_acti
                 sums.data() + i * w.blocks);
     for (int64_t b = 0; b < w.blocks; ++b) sums_by_block[b * m_padded + i] = sums[i * w.blocks + b];
   }
-  const bool pairs = m == 1 && !float_activations && w.layout != Layout::kQ8_0;
-  std::vector<int8_t> q_pairs(pairs ? w.k : 0);
-  std::vector<float> d_pairs(pairs ? w.blocks * 4 : 0);
-  if (pairs) PairBlocks(codes.data(), scales.data(), w.blocks, q_pairs.data(), d_pairs.data());
+  const bool pairs = !float_activations && w.layout != Layout::kQ8_0;
+  std::vector<int8_t> q_pairs(pairs ? m * w.k : 0);
+  std::vector<float> d_pairs(pairs ? m * w.blocks * 4 : 0);
+  for (int64_t i = 0; i < m && pairs; ++i) {
+    PairBlocks(codes.data() + i * w.k, scales.data() + i * w.blocks, w.blocks, q_pairs.data() + i * w.k,
+               d_pairs.data() + i * w.blocks * 4);
+  }
   Activations x{x_data,         codes.data(), scales.data(), sums.data(), sums_by_block.data(),
                 q_pairs.data(), d_pairs.data(), m, w.k, w.blocks, m_padded};
   int64_t rows = RowsPerChunk(w, m, float_activations, threads);

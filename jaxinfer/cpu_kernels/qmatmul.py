@@ -38,8 +38,9 @@ ISAS = ("scalar", "avx2", "avx512")  # qmatmul.cc's Isa values 1, 2, 3
 ISA_ENV = "JAXINFER_CPU_KERNELS_ISA"
 ACTIVATIONS = ("int8", "float32", "auto")
 # activations="auto": from this many rows of x on, float activations (a dequantized panel of W through an sgemm tile)
-# beat int8 block dots on AVX2, whose maddubs + madd + convert + fma per block pair do ~10 flops an instruction.
-FLOAT_ACTIVATIONS_FROM_M = 32
+# run as fast as int8 block dots on AVX2 (measured in thread CPU time, weights in cache, 2026-12-03), and are exact.
+# q8_0's dot costs more per block (abs and sign, no two blocks per load as the nibbles have).
+FLOAT_ACTIVATIONS_FROM_M = {"q8_0": 32, "q4_0": 64, "int4_g32_min": 64}
 
 
 def supported_isas() -> tuple[str, ...]:
@@ -84,7 +85,7 @@ def qmatmul(x: jax.Array, layout: str, parts: dict[str, jax.Array], *, activatio
     """x [..., K] (float32 or bfloat16) @ dequantize(W).T -> float32 [..., N], W [N, K] stored as `layout`'s parts.
 
     activations: "int8" (x quantized per block of 32, integer block dots), "float32" (float dots), or "auto" (int8
-    below FLOAT_ACTIVATIONS_FROM_M rows of x, float32 from there: the faster of the two on AVX2).
+    below FLOAT_ACTIVATIONS_FROM_M[layout] rows of x, float32 from there).
     threads: at most this many threads of XLA's intra-op pool (None: all). isa: the highest instruction set to use
     (None: $JAXINFER_CPU_KERNELS_ISA, else the CPU's best). Works under jit, lax.scan (a weight sliced per layer),
     vmap (vmap_method="expand_dims": batched weights loop in the kernel) and shard_map (local shards)."""
@@ -101,7 +102,7 @@ def qmatmul(x: jax.Array, layout: str, parts: dict[str, jax.Array], *, activatio
     if x2.shape[0] == 0:
         return jnp.zeros((*lead, n), jnp.float32)
     if activations == "auto":
-        activations = "float32" if x2.shape[0] >= FLOAT_ACTIVATIONS_FROM_M else "int8"
+        activations = "float32" if x2.shape[0] >= FLOAT_ACTIVATIONS_FROM_M[layout] else "int8"
     call = jax.ffi.ffi_call(f"jaxinfer_qmatmul_{layout}", jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
                             vmap_method="expand_dims")
     build.library()  # built and registered before the call is lowered
