@@ -25,6 +25,7 @@ _EXPORTS = {
     "ModelConfig": "jaxinfer.config",
     "PageAllocator": "jaxinfer.page_allocator",
     "QUANTIZE_CHOICES": "jaxinfer.quant_modes",
+    "QUANTIZED_MATMULS": "jaxinfer.quant_modes",
     "QuantArray": "jaxinfer.quant",
     "PagePoolExhausted": "jaxinfer.page_allocator",
     "RequestOutput": "jaxinfer.engine.engine",

@@ -31,7 +31,7 @@ from jaxinfer import interrupts, prompt_spec, roofline
 from jaxinfer.chat_history import ChatHistory
 from jaxinfer.errors import ParameterError
 from jaxinfer.prompt_spec import Defaults, PromptError, PromptSpec
-from jaxinfer.quant_modes import KV_CACHE_DTYPES, QUANTIZE_CHOICES
+from jaxinfer.quant_modes import KV_CACHE_DTYPES, QUANTIZE_CHOICES, QUANTIZED_MATMULS
 from jaxinfer.sampling_params import INT32_MAX, SEED_LIMIT, SamplingParams
 from jaxinfer.server import DEFAULT_MAX_WAITING
 
@@ -98,6 +98,12 @@ def _parser() -> argparse.ArgumentParser:
                             "dequantizes all; int8 (per 32), int8-channel, int4[-g64|-g128], fp8 quantize every "
                             "projection at load")
 
+    def run_args(p):
+        p.add_argument("--quantized-matmul", choices=QUANTIZED_MATMULS, default=None,
+                       help="how quantized weights meet their activations: xla (dequantize and dot), kernel (the "
+                            "native CPU matmul), kernel-int8 (activations rounded to int8 per 32, as llama.cpp "
+                            "does); default: kernel on the CPU where it built, else xla")
+
     def kv_cache_args(p):
         p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None,
                        help="store the KV cache as int8 (a scale per token and kv head) or fp8 (e4m3, a scale per "
@@ -115,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="complete one prompt (streamed) or a file of prompts")
     model_args(g)
+    run_args(g)
     kv_cache_args(g)
     prompt = g.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text")
@@ -130,12 +137,14 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("chat", help="an interactive conversation (Ctrl-C stops a reply, Ctrl-D quits)")
     model_args(c)
+    run_args(c)
     kv_cache_args(c)
     c.add_argument("--system", default=None)
     sampling_args(c)
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs: pip install -e '.[serve]')")
     model_args(s)
+    run_args(s)
     kv_cache_args(s)
     s.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1: this machine only")
     s.add_argument("--port", type=_int_in(0, 65535), default=8000)
@@ -259,7 +268,8 @@ def _load(args, checkpoint, cfg, context: int) -> jaxinfer.Model:
         model = jaxinfer.random_model(cfg, tensor_parallel=args.tensor_parallel, quantize=args.quantize)
     else:
         model = checkpoint.load(args.dtype, args.tensor_parallel, progress=True, quantize=args.quantize)
-    model = dataclasses.replace(model, kv_cache_dtype=args.kv_cache_dtype)  # generate, chat and serve have it
+    # generate, chat and serve have both
+    model = dataclasses.replace(model, kv_cache_dtype=args.kv_cache_dtype, quantized_matmul=args.quantized_matmul)
     if context < model.cfg.max_position_embeddings:
         model.cfg = model.cfg.replace(max_position_embeddings=context)
     print(f"[loaded {args.model} in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)

@@ -41,7 +41,7 @@ import numpy as np
 
 from jaxinfer import cpu_kernels
 from jaxinfer.cpu_kernels import qmatmul as cpu_qmatmul
-from jaxinfer.quant_modes import MODES, QUANTIZE_CHOICES
+from jaxinfer.quant_modes import MODES, QUANTIZE_CHOICES, QUANTIZED_MATMULS
 
 # --------------------------------------------------------------------------------------------
 # Layouts
@@ -314,11 +314,6 @@ def dequantize(w) -> jax.Array:
         return x
     order = (*range(lead), *range(lead + out, lead + out + contract), *range(lead, lead + out))
     return x.transpose(order)
-
-
-# How a quantized weight meets its activations (Runtime.quantized_matmul; None: the platform's choice, see
-# kernel_activations): XLA's dequantize-and-dot, or jaxinfer.cpu_kernels' matmul with float or int8 activations.
-QUANTIZED_MATMULS = ("xla", "kernel", "kernel-int8")
 
 
 def check_quantized_matmul(matmul) -> str | None:

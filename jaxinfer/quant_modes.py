@@ -10,4 +10,7 @@ from __future__ import annotations
 MODES = {"int8": "q8_0", "int8-channel": "int8_channel", "fp8": "fp8_channel", "int4": "int4_g32_min",
          "int4-g32": "int4_g32_min", "int4-g64": "int4_g64_min", "int4-g128": "int4_g128_min"}
 QUANTIZE_CHOICES = ("auto", "none", *MODES)
+# How a quantized weight meets its activations (Runtime.quantized_matmul, Model.quantized_matmul; None: the
+# platform's choice): XLA's dequantize-and-dot, or jaxinfer.cpu_kernels' matmul with float or int8 activations.
+QUANTIZED_MATMULS = ("xla", "kernel", "kernel-int8")
 KV_CACHE_DTYPES = ("int8", "fp8")  # jaxinfer.kv_cache's quantized caches; kv_cache_dtype=None: the model's dtype

@@ -101,6 +101,8 @@ def main(argv=None) -> None:
                    help="layer weights stacked and scanned, or per layer and unrolled (default: the platform's)")
     p.add_argument("--quantize", default="none", choices=jaxinfer.QUANTIZE_CHOICES,
                    help="hold the projections quantized (random codes drawn in the layout: int8, int4, fp8, ...)")
+    p.add_argument("--quantized-matmul", default=None, choices=jaxinfer.QUANTIZED_MATMULS,
+                   help="how quantized weights meet their activations (default: the CPU kernel where it built)")
     p.add_argument("--gpu", default=None, help=f"peaks for MBU/MFU, one of {sorted(roofline.GPUS)}")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=10)
@@ -109,7 +111,7 @@ def main(argv=None) -> None:
 
     gpu = roofline.gpu(args.gpu) if args.gpu else None
     model = jaxinfer.random_model(args.preset, dtype=args.dtype, layout=args.layout, quantize=args.quantize)
-    runtime = Runtime(attention_backend=args.attention_backend)
+    runtime = Runtime(attention_backend=args.attention_backend, quantized_matmul=args.quantized_matmul)
     cfg = model.cfg
     kv_elem = jnp.dtype(cfg.dtype).itemsize
     held = quant.held_bytes(model.params)
@@ -118,7 +120,7 @@ def main(argv=None) -> None:
         f"{args.preset} {cfg.dtype} weights {args.quantize} ({held / 1e9:.2f} GB held, {8 * per_param:.2f} bits per "
         f"weight), {roofline.param_count(cfg) / 1e9:.2f} B params, jax {jax.__version__} on "
         f"{jax.devices()[0].device_kind}, page_size {args.page_size}, attention {resolve_backend(args.attention_backend)}, "
-        f"layers {model_lib.layout_of(model.params)}"
+        f"layers {model_lib.layout_of(model.params)}, quantized matmul {args.quantized_matmul or 'default'}"
     )
     results = []
     if args.prompt_len:
@@ -141,7 +143,7 @@ def main(argv=None) -> None:
             results.append(dict(kind="decode", batch=b, context=c, seconds_per_token=t))
     if args.json:
         meta = dict(preset=args.preset, dtype=cfg.dtype, quantize=args.quantize, weight_bytes=held, jax=jax.__version__,
-                    device=jax.devices()[0].device_kind)
+                    device=jax.devices()[0].device_kind, quantized_matmul=args.quantized_matmul)
         with open(args.json, "w") as f:
             json.dump(dict(meta, results=results), f, indent=1)
 

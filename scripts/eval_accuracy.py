@@ -35,6 +35,7 @@ and exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -66,6 +67,9 @@ def parse_args(argv):
     p.add_argument("--model", required=True, help='a .gguf file, a checkpoint directory, or "default"')
     p.add_argument("--quantize", default="auto", help="how the model's weights are held (load_model's quantize=)")
     p.add_argument("--kv-cache-dtype", default=None, help="the model's KV cache dtype, where load_model takes one")
+    p.add_argument("--quantized-matmul", default=None,
+                   help="how the model contracts quantized weights (Model.quantized_matmul: xla, kernel, kernel-int8; "
+                        "default: the platform's); the reference always takes XLA's dequantize-and-dot")
     p.add_argument("--reference", default=None, help="the reference model (default: --model)")
     p.add_argument("--reference-quantize", default="none", help="how the reference's weights are held")
     p.add_argument("--reference-logits", default=None,
@@ -83,6 +87,9 @@ def check_args(args, quantize_choices) -> None:
         if getattr(args, flag) not in quantize_choices:
             name = "--" + flag.replace("_", "-")
             fail(f"{name} {getattr(args, flag)!r} is not one of {', '.join(quantize_choices)}")
+    matmuls = getattr(jaxinfer, "QUANTIZED_MATMULS", ())
+    if args.quantized_matmul is not None and args.quantized_matmul not in matmuls:
+        fail(f"--quantized-matmul {args.quantized_matmul!r} is not one of {', '.join(matmuls)}")
     for flag, path in (("--model", args.model), ("--reference", args.reference), ("--text", args.text)):
         if path is not None and path != "default" and not Path(path).exists():
             fail(f"{flag} {path!r}: no such file or directory")
@@ -90,12 +97,20 @@ def check_args(args, quantize_choices) -> None:
         fail(f"--ctx {args.ctx} must be at least 4 (half of each window is context, half is scored)")
 
 
-def load(path: str, quantize: str, kv_cache_dtype: str | None):
+def _has_quantized_matmul() -> bool:
+    """Whether this jaxinfer's Model takes quantized_matmul (the script also measures older checkouts)."""
+    return "quantized_matmul" in {f.name for f in dataclasses.fields(jaxinfer.Model)}
+
+
+def load(path: str, quantize: str, kv_cache_dtype: str | None, quantized_matmul: str | None = None):
     kwargs = {"quantize": quantize}
     if kv_cache_dtype is not None:
         kwargs["kv_cache_dtype"] = kv_cache_dtype
     try:
-        return jaxinfer.load_model(path, **kwargs)
+        model = jaxinfer.load_model(path, **kwargs)
+        if quantized_matmul is not None:
+            model = dataclasses.replace(model, quantized_matmul=quantized_matmul)
+        return model
     except ValueError as e:  # a bad file or setting, named by the loader
         fail(f"{path}: {e}")
 
@@ -208,7 +223,9 @@ def main(argv=None) -> dict:
         fail(f"--text {args.text!r}: {e}")
 
     reference_path = args.reference or args.model
-    model = load(args.model, args.quantize, args.kv_cache_dtype)
+    if args.quantized_matmul is not None and not _has_quantized_matmul():
+        fail("--quantized-matmul: this jaxinfer's Model has no quantized_matmul")
+    model = load(args.model, args.quantize, args.kv_cache_dtype, args.quantized_matmul)
     if model.tokenizer is None:
         fail(f"--model {args.model!r} has no tokenizer to encode the text with")
     ids, add_bos = token_ids(model.tokenizer, text)
@@ -226,7 +243,8 @@ def main(argv=None) -> dict:
         saved = ReferenceLogits(args.reference_logits, key, (len(chunks), args.ctx - 1 - first, model.cfg.vocab_size))
     reference = None
     if saved is None or saved.saved is None:
-        reference = load(reference_path, args.reference_quantize, None)
+        plain = "xla" if _has_quantized_matmul() else None
+        reference = load(reference_path, args.reference_quantize, None, plain)
         if reference.cfg.vocab_size != model.cfg.vocab_size:
             fail(f"--reference has a vocabulary of {reference.cfg.vocab_size}, the model {model.cfg.vocab_size}")
     print(f"{len(ids)} tokens (BOS {'added' if add_bos else 'not added'}), {len(chunks)} windows of {args.ctx}, "
@@ -252,6 +270,7 @@ def main(argv=None) -> dict:
 
     results = {
         "model": args.model, "quantize": args.quantize, "kv_cache_dtype": args.kv_cache_dtype,
+        "quantized_matmul": args.quantized_matmul,
         "reference": reference_path, "reference_quantize": args.reference_quantize, "text": args.text,
         "ctx": args.ctx, "tokens": len(ids), "add_bos": add_bos, "windows": len(chunks),
         **tally.results(), "held_bytes": held_bytes(model),
