@@ -29,6 +29,7 @@ import platform
 import shlex
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -53,6 +54,7 @@ HANDLERS = {
 BUILD_TIMEOUT_S = 600
 
 log = logging.getLogger(__name__)
+_state_lock = threading.Lock()  # one build and one registration per process, whichever thread asks first
 
 
 class KernelsUnavailable(RuntimeError):
@@ -191,20 +193,25 @@ def _state() -> tuple[Library | None, str]:
     return None, reason
 
 
+def _locked_state() -> tuple[Library | None, str]:
+    with _state_lock:
+        return _state()
+
+
 def available() -> bool:
-    """Whether the kernels are built and registered (building them on first call). Under JAXINFER_CPU_KERNELS=on a
-    failed build raises KernelsUnavailable."""
-    return _state()[0] is not None
+    """Whether the kernels are built and registered (building them on first call; the mode is read then, once per
+    process). Under JAXINFER_CPU_KERNELS=on a failed build raises KernelsUnavailable."""
+    return _locked_state()[0] is not None
 
 
 def unavailable_reason() -> str:
     """One line: why available() is False ("" when it is True)."""
-    return _state()[1]
+    return _locked_state()[1]
 
 
 def library() -> Library:
     """The loaded library; KernelsUnavailable naming the reason when there is none."""
-    lib, reason = _state()
+    lib, reason = _locked_state()
     if lib is None:
         raise KernelsUnavailable(f"jaxinfer CPU kernels unavailable: {reason}")
     return lib

@@ -85,7 +85,7 @@ def main():
     parser.add_argument("--shapes", default=None, help="K:N,... (default: the default model's)")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--activations", default="int8")
+    parser.add_argument("--activations", default="auto", help="int8, float32 or auto (what the model would use)")
     args = parser.parse_args()
     assert build.available(), build.unavailable_reason()
     shapes = [tuple(map(int, s.split(":"))) for s in args.shapes.split(",")] if args.shapes else SHAPES
