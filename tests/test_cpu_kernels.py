@@ -162,6 +162,29 @@ def test_under_jit_and_scan(layout):
         h = jnp.tile(want, (1, K // n)) * 0.1
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_stacked_weights_and_a_layer_index(layout):
+    """layer= reads one layer of the whole stack: under scan the stack goes in unsliced (a sliced operand is copied)."""
+    layers, n = 3, 21
+    stacked = random_parts(layout, n, K, lead=(layers,))
+    x = random_x(5)
+
+    def step(carry, i):
+        return carry, qm.qmatmul(x, layout, stacked, layer=i)
+
+    _, ys = jax.jit(lambda: jax.lax.scan(step, 0, jnp.arange(layers)))()
+    for i in range(layers):
+        want = qm.qmatmul_reference(x, layout, {k: v[i] for k, v in stacked.items()}, activations="int8")
+        assert_close(ys[i], want, SAME_ARITHMETIC)
+    assert_close(qm.qmatmul(x, layout, stacked, layer=2), ys[2], SAME_ARITHMETIC)
+    with pytest.raises(Exception, match="outside the stack"):
+        jax.block_until_ready(qm.qmatmul(x, layout, stacked, layer=jnp.int32(layers)))
+    with pytest.raises(ValueError, match=r"\[L, N, n\]"):
+        qm.qmatmul(x, layout, {k: v[0] for k, v in stacked.items()}, layer=0)
+    with pytest.raises(ValueError, match="layer must be an integer scalar"):
+        qm.qmatmul(x, layout, stacked, layer=jnp.zeros(2, jnp.int32))
+
+
 def test_vmap():
     parts = random_parts("int4_g32_min", 13, K, lead=(3,))
     x = random_x(12, K).reshape(3, 4, K)
@@ -287,8 +310,9 @@ def test_broken_compiler_under_on_is_an_error(tmp_path):
 
 def test_compile_error_names_the_first_error(tmp_path, monkeypatch):
     """A source that does not compile: available() False, the reason the compiler's first error line."""
-    (tmp_path / "qmatmul.cc").write_text("int main() { return undefined_name; }\n")
-    (tmp_path / "qmatmul_x86.inc").write_text("")
+    for name in build.SOURCES:
+        (tmp_path / name).write_text("")
+    (tmp_path / "qmatmul.cc").write_text("int f() { return undefined_name; }\n")
     monkeypatch.setattr(build, "SOURCE_DIR", tmp_path)
     monkeypatch.setenv(build.DIR_ENV, str(tmp_path / "cache"))
     with pytest.raises(build.KernelsUnavailable, match="undefined_name"):

@@ -15,7 +15,10 @@
 //
 // Paths: a portable scalar loop (the reference the SIMD paths are tested against), AVX2 (maddubs) and AVX-512 VL
 // VNNI (dpbusd on 256-bit lanes), both compiled from qmatmul_x86.inc under `#pragma GCC target` and picked at run
-// time, so one build runs on any x86-64 and compiles elsewhere with the scalar path alone.
+// time, so one build runs on any x86-64 and compiles elsewhere with the scalar path alone. In the SIMD paths, M = 1
+// streams one weight row at a time with a prefetch ahead; M > 1 runs register tiles of 2 weight rows x 4 x rows
+// (nibble layouts two blocks per 32-byte load, x's codes laid out to match); float activations dequantize a panel
+// of rows that stays in cache and run an sgemm tile of 3 x 4 over it.
 // Threads: XLA's intra-op pool; row chunks are claimed through an atomic counter by the calling thread and helper
 // tasks alike, and the caller waits only for chunks already claimed (never for a task that has not started: the
 // handler may itself run on a pool worker).
@@ -29,6 +32,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -338,7 +342,7 @@ void Matmul(ffi::ThreadPool& pool, int64_t threads, int64_t isa, bool float_acti
 // The batch dims of one operand: size per dim (1: broadcast) over the output's batch dims.
 struct Operand {
   ffi::Span<const int64_t> dims;
-  int64_t own_dims;  // the trailing dims that are not batch ([M, K] or [N, n])
+  int64_t own_dims;  // the trailing dims that are not batch: x [M, K], the parts [L, N, n], layer none
 
   int64_t BatchSize() const {
     int64_t size = 1;
@@ -364,26 +368,33 @@ std::string Shape(ffi::Span<const int64_t> dims) {
   return s + "]";
 }
 
-// x [*B, M, K] f32; values [*B, N, K / per_code]; scales (mins) [*B, N, K/32] f16 -> y [*B, M, N] f32. Each batch dim
-// of an operand is the output's or 1 (vmap_method="expand_dims"); x's batch folds into M when W has none.
-ffi::Error QMatmul(ffi::ThreadPool pool, Layout layout, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer values,
-                   ffi::Buffer<ffi::F16> scales, const ffi::Buffer<ffi::F16>* mins, ffi::ResultBuffer<ffi::F32> y,
-                   int64_t threads, int64_t isa, int64_t float_activations) {
+// A part [*B, L, N, n] has the expected L, N and n (and rank).
+bool PartFits(ffi::Span<const int64_t> dims, size_t rank, int64_t layers, int64_t n, int64_t last) {
+  return dims.size() == rank && dims[rank - 3] == layers && dims[rank - 2] == n && dims[rank - 1] == last;
+}
+
+// x [*B, M, K] f32; layer [*B] int32; values [*B, L, N, K / codes per byte]; scales (mins) [*B, L, N, K/32] f16
+// -> y [*B, M, N] f32, W the parts' layer `layer`. The whole stack of layers comes in and the kernel reads one: under
+// lax.scan a slice of the stack passed to a custom call is copied first (3x the time of a 49152 x 576 q4_0 matvec).
+// Each batch dim of an operand is the output's or 1 (vmap_method="expand_dims"); x's batch folds into M when W's
+// and the layer's have none.
+ffi::Error QMatmul(ffi::ThreadPool pool, Layout layout, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer,
+                   ffi::AnyBuffer values, ffi::Buffer<ffi::F16> scales, const ffi::Buffer<ffi::F16>* mins,
+                   ffi::ResultBuffer<ffi::F32> y, int64_t threads, int64_t isa, int64_t float_activations) {
   auto out_dims = y->dimensions();
   const size_t rank = out_dims.size();
-  if (rank < 2 || x.dimensions().size() != rank || values.dimensions().size() != rank ||
-      scales.dimensions().size() != rank) {
-    return ffi::Error::InvalidArgument("qmatmul: x " + Shape(x.dimensions()) + ", values " +
-                                       Shape(values.dimensions()) + " and y " + Shape(out_dims) +
-                                       " must have the same rank >= 2");
+  if (rank < 2 || x.dimensions().size() != rank || layer.dimensions().size() != rank - 2 ||
+      values.dimensions().size() != rank + 1) {
+    return ffi::Error::InvalidArgument("qmatmul: x " + Shape(x.dimensions()) + ", layer " +
+                                       Shape(layer.dimensions()) + ", values " + Shape(values.dimensions()) +
+                                       " and y " + Shape(out_dims) + " have ranks that do not match");
   }
   const int64_t m = out_dims[rank - 2], n = out_dims[rank - 1], k = x.dimensions()[rank - 1];
-  const int64_t codes_per_byte = layout == Layout::kQ8_0 ? 1 : 2;
-  if (k % kBlock != 0 || values.dimensions()[rank - 1] * codes_per_byte != k || values.dimensions()[rank - 2] != n ||
-      scales.dimensions()[rank - 1] != k / kBlock || scales.dimensions()[rank - 2] != n ||
-      x.dimensions()[rank - 2] != m ||
-      (mins && (mins->dimensions().size() != rank || mins->dimensions()[rank - 1] != k / kBlock ||
-                mins->dimensions()[rank - 2] != n))) {
+  const int64_t layers = values.dimensions()[rank - 2], codes_per_byte = layout == Layout::kQ8_0 ? 1 : 2;
+  if (k % kBlock != 0 || x.dimensions()[rank - 2] != m ||
+      !PartFits(values.dimensions(), rank + 1, layers, n, k / codes_per_byte) ||
+      !PartFits(scales.dimensions(), rank + 1, layers, n, k / kBlock) ||
+      (mins && !PartFits(mins->dimensions(), rank + 1, layers, n, k / kBlock))) {
     return ffi::Error::InvalidArgument("qmatmul: shapes x " + Shape(x.dimensions()) + ", values " +
                                        Shape(values.dimensions()) + ", scales " + Shape(scales.dimensions()) +
                                        ", y " + Shape(out_dims) + " do not match");
@@ -398,15 +409,13 @@ ffi::Error QMatmul(ffi::ThreadPool pool, Layout layout, ffi::Buffer<ffi::F32> x,
   const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
   threads = std::min(cores, threads > 0 ? threads : std::max<int64_t>(1, pool.num_threads()));
 
-  Weights w{layout, static_cast<const uint8_t*>(values.untyped_data()), scales.typed_data(),
-            mins ? mins->typed_data() : nullptr, n, k, k / kBlock,
-            k / codes_per_byte, kBlock / codes_per_byte};
   ffi::Span<const int64_t> batch(out_dims.begin(), rank - 2);
-  Operand x_op{x.dimensions(), 2}, w_op{values.dimensions(), 2}, s_op{scales.dimensions(), 2};
-  Operand m_op = mins ? Operand{mins->dimensions(), 2} : s_op;
+  Operand x_op{x.dimensions(), 2}, layer_op{layer.dimensions(), 0}, w_op{values.dimensions(), 3},
+      s_op{scales.dimensions(), 3};
+  Operand m_op = mins ? Operand{mins->dimensions(), 3} : s_op;
   int64_t batch_size = 1;
   for (int64_t d : batch) batch_size *= d;
-  for (const Operand* op : {&x_op, &w_op, &s_op, &m_op}) {
+  for (const Operand* op : {&x_op, &layer_op, &w_op, &s_op, &m_op}) {
     for (size_t i = 0; i < batch.size(); ++i) {
       if (op->dims[i] != batch[i] && op->dims[i] != 1) {
         return ffi::Error::InvalidArgument("qmatmul: batch dims of " + Shape(op->dims) + " do not broadcast to " +
@@ -416,42 +425,58 @@ ffi::Error QMatmul(ffi::ThreadPool pool, Layout layout, ffi::Buffer<ffi::F32> x,
   }
   const float* x_data = x.typed_data();
   float* y_data = y->typed_data();
-  if (w_op.BatchSize() == 1 && s_op.BatchSize() == 1 && m_op.BatchSize() == 1 && x_op.BatchSize() == batch_size) {
-    Matmul(pool, threads, isa, float_activations != 0, w, x_data, batch_size * m, y_data);  // x's batch folds into M
-    return ffi::Error::Success();
-  }
-  for (int64_t i = 0; i < batch_size; ++i) {
-    Weights wi = w;
-    wi.values += w_op.Offset(batch, i) * n * w.row_bytes;
-    wi.scales += s_op.Offset(batch, i) * n * w.blocks;
-    if (mins) wi.mins += m_op.Offset(batch, i) * n * w.blocks;
-    Matmul(pool, threads, isa, float_activations != 0, wi, x_data + x_op.Offset(batch, i) * m * k, m,
-           y_data + i * m * n);
+  // Batch element i's weights: the stack's layer `layer` of its batch entry, [N, ...] of each part.
+  auto weights_of = [&](int64_t i) -> std::optional<Weights> {
+    int64_t l = layer.typed_data()[layer_op.Offset(batch, i)];
+    if (l < 0 || l >= layers) return std::nullopt;
+    const int64_t blocks = k / kBlock, row_bytes = k / codes_per_byte;
+    const auto* codes = static_cast<const uint8_t*>(values.untyped_data());
+    return Weights{layout,
+                   codes + (w_op.Offset(batch, i) * layers + l) * n * row_bytes,
+                   scales.typed_data() + (s_op.Offset(batch, i) * layers + l) * n * blocks,
+                   mins ? mins->typed_data() + (m_op.Offset(batch, i) * layers + l) * n * blocks : nullptr,
+                   n, k, blocks, row_bytes, kBlock / codes_per_byte};
+  };
+  const bool one_weight = w_op.BatchSize() == 1 && s_op.BatchSize() == 1 && m_op.BatchSize() == 1 &&
+                          layer_op.BatchSize() == 1 && x_op.BatchSize() == batch_size;
+  for (int64_t i = 0; i < (one_weight ? 1 : batch_size); ++i) {
+    std::optional<Weights> w = weights_of(i);
+    if (!w) {
+      int64_t l = layer.typed_data()[layer_op.Offset(batch, i)];
+      return ffi::Error::InvalidArgument("qmatmul: layer " + std::to_string(l) + " is outside the stack's " +
+                                         std::to_string(layers));
+    }
+    if (one_weight) {  // x's batch folds into M
+      Matmul(pool, threads, isa, float_activations != 0, *w, x_data, batch_size * m, y_data);
+    } else {
+      Matmul(pool, threads, isa, float_activations != 0, *w, x_data + x_op.Offset(batch, i) * m * k, m,
+             y_data + i * m * n);
+    }
   }
   return ffi::Error::Success();
 }
 
-ffi::Error QMatmulQ8_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer values,
-                       ffi::Buffer<ffi::F16> scales, ffi::ResultBuffer<ffi::F32> y, int64_t threads, int64_t isa,
-                       int64_t float_activations) {
-  if (values.element_type() != ffi::DataType::S8) return ffi::Error::InvalidArgument("q8_0: values must be int8");
-  return QMatmul(pool, Layout::kQ8_0, x, values, scales, nullptr, y, threads, isa, float_activations);
-}
-
-ffi::Error QMatmulQ4_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer values,
-                       ffi::Buffer<ffi::F16> scales, ffi::ResultBuffer<ffi::F32> y, int64_t threads, int64_t isa,
-                       int64_t float_activations) {
-  if (values.element_type() != ffi::DataType::U8) return ffi::Error::InvalidArgument("q4_0: values must be uint8");
-  return QMatmul(pool, Layout::kQ4_0, x, values, scales, nullptr, y, threads, isa, float_activations);
-}
-
-ffi::Error QMatmulQ4_1(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer values,
-                       ffi::Buffer<ffi::F16> scales, ffi::Buffer<ffi::F16> mins, ffi::ResultBuffer<ffi::F32> y,
+ffi::Error QMatmulQ8_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer,
+                       ffi::AnyBuffer values, ffi::Buffer<ffi::F16> scales, ffi::ResultBuffer<ffi::F32> y,
                        int64_t threads, int64_t isa, int64_t float_activations) {
+  if (values.element_type() != ffi::DataType::S8) return ffi::Error::InvalidArgument("q8_0: values must be int8");
+  return QMatmul(pool, Layout::kQ8_0, x, layer, values, scales, nullptr, y, threads, isa, float_activations);
+}
+
+ffi::Error QMatmulQ4_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer,
+                       ffi::AnyBuffer values, ffi::Buffer<ffi::F16> scales, ffi::ResultBuffer<ffi::F32> y,
+                       int64_t threads, int64_t isa, int64_t float_activations) {
+  if (values.element_type() != ffi::DataType::U8) return ffi::Error::InvalidArgument("q4_0: values must be uint8");
+  return QMatmul(pool, Layout::kQ4_0, x, layer, values, scales, nullptr, y, threads, isa, float_activations);
+}
+
+ffi::Error QMatmulQ4_1(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer,
+                       ffi::AnyBuffer values, ffi::Buffer<ffi::F16> scales, ffi::Buffer<ffi::F16> mins,
+                       ffi::ResultBuffer<ffi::F32> y, int64_t threads, int64_t isa, int64_t float_activations) {
   if (values.element_type() != ffi::DataType::U8) {
     return ffi::Error::InvalidArgument("int4_g32_min: values must be uint8");
   }
-  return QMatmul(pool, Layout::kQ4_1, x, values, scales, &mins, y, threads, isa, float_activations);
+  return QMatmul(pool, Layout::kQ4_1, x, layer, values, scales, &mins, y, threads, isa, float_activations);
 }
 
 }  // namespace qmm
@@ -462,6 +487,7 @@ extern "C" int64_t jaxinfer_cpu_kernels_best_isa() { return qmm::BestIsa(); }
   ffi::Ffi::Bind()                       \
       .Ctx<ffi::ThreadPool>()            \
       .Arg<ffi::Buffer<ffi::F32>>()      \
+      .Arg<ffi::Buffer<ffi::S32>>()      \
       .Arg<ffi::AnyBuffer>()             \
       .Arg<ffi::Buffer<ffi::F16>>()
 
