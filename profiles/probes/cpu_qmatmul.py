@@ -1,13 +1,14 @@
-"""Probe (not a test): jaxinfer.cpu_kernels' quantized matmul against XLA's dequantize-and-dot (quant.einsum, as the
-model runs it today) and an f32 einsum('mk,nk->mn'), on the default model's shapes, interleaved, with the load average
-beside each row (the machine is shared: compare rows measured at the same load).
+"""Probe (not a test): jaxinfer.cpu_kernels' quantized matmul against XLA's dequantize-and-dot (quant.einsum's XLA
+path) and an f32 einsum('mk,nk->mn'), on the default model's shapes, interleaved, with the load average beside each
+row (the machine is shared: compare rows measured at the same load).
 
-Each timing is a jitted lax.scan over L different weights of the shape (as many as make >= 64 MB of quantized
-weights, so they stream from memory as a decode step's do, and nothing is hoisted out of the loop); the figure is
-per matmul. GB/s counts each variant's own weight bytes; the kernel's share is of the bandwidth measured here
+Each timing is one jitted program of L matmuls, each with a weight of its own passed unsliced (as unrolled layers
+are: under lax.scan a sliced operand of a custom call or of XLA:CPU's dot is copied first), L as many as make 64 MB
+of quantized weights, at most 64 (so the small shapes partly run from cache: the MB column says how much); the figure
+is per matmul. GB/s counts each variant's own weight bytes; the kernel's share is of the bandwidth measured here
 (an XLA sum over 512 MB).
 
-    JAXINFER_COMPILATION_CACHE=off python profiles/probes/cpu_qmatmul.py [--layouts q4_0,...] [--m 1,8] [--quick]
+    JAXINFER_COMPILATION_CACHE=off python profiles/probes/cpu_qmatmul.py [--layouts q4_0,...] [--m 1,8] [--threads 1]
 """
 import argparse
 import functools
@@ -25,18 +26,20 @@ from jaxinfer.cpu_kernels.qmatmul import LAYOUTS, qmatmul, qmatmul_reference
 
 SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)]  # (K, N): q/o, k/v, gate/up, down, head
 STREAM_BYTES = 64 << 20
+MAX_LAYERS = 64
 
 
 def random_parts(layout, n, k, layers, rng):
-    parts = {}
+    """[layers] dicts of a layout's parts [N, n]."""
+    stacks = {}
     for name, dtype, per in LAYOUTS[layout]:
         shape = (layers, n, k // per)
         if name == "values":
             info = np.iinfo(dtype)
-            parts[name] = rng.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
+            stacks[name] = rng.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
         else:
-            parts[name] = rng.normal(0, 0.01, shape).astype(np.float16)
-    return {name: jnp.asarray(p) for name, p in parts.items()}
+            stacks[name] = rng.normal(0, 0.01, shape).astype(np.float16)
+    return [{name: jnp.asarray(p[i]) for name, p in stacks.items()} for i in range(layers)]
 
 
 def kernel(x, parts, layout, threads, activations):
@@ -44,14 +47,24 @@ def kernel(x, parts, layout, threads, activations):
 
 
 def xla_dequantize_and_dot(x, parts, layout):
-    """What the model runs today: quant.einsum over a QuantArray holding W [N, K] as stored."""
+    """quant.einsum's XLA path (matmul="xla"): the dequantized W [N, K] as stored, contracted; tied to x by
+    quant.after as the model ties each layer's weights (else XLA:CPU dequantizes every weight up front)."""
     w = quant.QuantArray(parts, layout, out_ndim=1, contract_first=False, contract_inner=(), dtype="float32")
-    return quant.einsum("mk,nk->mn", x, w)
+    return quant.einsum("mk,nk->mn", x, quant.after(w, x), matmul="xla")
 
 
-def scanned(matmul):
-    """f(x [M, K], weights [L, ...]) -> [L, M, N]: one matmul per layer's weight."""
-    return jax.jit(lambda x, w: jax.lax.scan(lambda c, wl: (c, matmul(x, wl)), 0, w)[1])
+def unrolled(matmul):
+    """f(x [M, K], weights: a list of L) -> [L, M, N]: one matmul per weight, each weight its own argument, each x
+    depending on the previous matmul's output (a chain, as layers are)."""
+
+    def chain(x, ws):
+        ys = []
+        for w in ws:
+            ys.append(matmul(x, w))
+            x = x + 0.0 * ys[-1][:, :1]  # [M, K]: the next matmul waits for this one
+        return jnp.stack(ys)
+
+    return jax.jit(chain)
 
 
 def measured_bandwidth():
@@ -99,14 +112,14 @@ def main():
     for k, n in shapes:
         for layout in args.layouts.split(","):
             bytes_q = sum(n * k // per * np.dtype(dtype).itemsize for _, dtype, per in LAYOUTS[layout])
-            layers = int(min(1024, max(2, -(-STREAM_BYTES // bytes_q))))
+            layers = int(min(MAX_LAYERS, max(2, -(-STREAM_BYTES // bytes_q))))
             parts = random_parts(layout, n, k, layers, rng)
-            w32 = jnp.asarray(rng.normal(0, 0.01, (layers, n, k)).astype(np.float32))
+            w32 = [jnp.asarray(rng.normal(0, 0.01, (n, k)).astype(np.float32)) for _ in range(layers)]
             fns = {
-                "kernel": scanned(functools.partial(kernel, layout=layout, threads=args.threads,
+                "kernel": unrolled(functools.partial(kernel, layout=layout, threads=args.threads,
                                                     activations=args.activations)),
-                "xla-q": scanned(functools.partial(xla_dequantize_and_dot, layout=layout)),
-                "f32": scanned(lambda x, w: jnp.einsum("mk,nk->mn", x, w)),
+                "xla-q": unrolled(functools.partial(xla_dequantize_and_dot, layout=layout)),
+                "f32": unrolled(lambda x, w: jnp.einsum("mk,nk->mn", x, w)),
             }
             for m in map(int, args.m.split(",")):
                 x = jnp.asarray(rng.normal(size=(m, k)).astype(np.float32))
