@@ -1,40 +1,61 @@
 """Attention over the paged KV cache: one entry point for prefill chunks and decode steps.
 
 Backends:
-- "xla" (the default on every platform): `jaxinfer.xla_attention.blocked_attention`, plain XLA ops that read
-  only the key blocks a query can see, flash-style, so a chunk of a long prompt never scores the padded context.
+- "cpu" (the default on the CPU when jaxinfer.cpu_kernels built, JAXINFER_CPU_KERNELS=auto|on|off):
+  `jaxinfer.cpu_kernels.paged_attention`, a C++ kernel through jax.ffi that reads the pool where it lies (the
+  stacked pool and the layer index as they are, pages through the table, int8 / fp8 codes with their scales),
+  online softmax in float32, threads from XLA's pool. Decode steps and prefill chunks alike.
+- "xla" (the default elsewhere, and on the CPU without the kernels): `jaxinfer.xla_attention.blocked_attention`,
+  plain XLA ops that read only the key blocks a query can see, flash-style, so a chunk of a long prompt never
+  scores the padded context.
 - "reference": `pallas_kernels.reference`, the gather-every-page float32 reference every backend is checked
   against; slow, simple enough to trust.
 - "pallas": the generic pallas_call kernels of pallas_kernels/ (flash attention for chunks of T > 1 queries,
   paged decode attention for T = 1; Triton lowering on GPU); "pallas-interpret": the same kernels through the
   Pallas interpreter (CPU tests).
-None picks DEFAULT_BACKEND for the platform.
+None picks the platform's default (`default_backend()`).
 
-A quantized cache (jaxinfer.kv_cache: int8 or fp8 pages with their scales) is read by "xla" and "reference";
-the Pallas kernels read float pages only and refuse one by name.
+A quantized cache (jaxinfer.kv_cache: int8 or fp8 pages with their scales) is read by "cpu", "xla" and
+"reference"; the Pallas kernels read float pages only and refuse one by name.
 """
 
 from __future__ import annotations
 
 import jax
 
+from jaxinfer import cpu_kernels
+from jaxinfer.cpu_kernels.paged_attention import paged_attention as cpu_paged_attention
 from jaxinfer.kv_cache import kv_cache_dtype_of
 from jaxinfer.xla_attention import blocked_attention
 from pallas_kernels.reference import attention_reference
 
-BACKENDS = ("xla", "reference", "pallas", "pallas-interpret")
-# The kernels have run only in interpret mode so far (no GPU was lent to the sessions that wrote them), so
-# every platform defaults to plain XLA; make "gpu" -> "pallas" once they are checked compiled on a GPU.
+BACKENDS = ("xla", "cpu", "reference", "pallas", "pallas-interpret")
+# The Pallas kernels have run only in interpret mode so far (no GPU was lent to the sessions that wrote them), so
+# other platforms default to plain XLA; make "gpu" -> "pallas" once they are checked compiled on a GPU.
 DEFAULT_BACKEND: dict[str, str] = {}
 FALLBACK_BACKEND = "xla"
-QUANTIZED_CACHE_BACKENDS = ("xla", "reference")  # the backends that read int8 / fp8 pages and their scales
+QUANTIZED_CACHE_BACKENDS = ("xla", "cpu", "reference")  # the backends that read int8 / fp8 pages and their scales
+
+
+def default_backend() -> str:
+    """The platform's backend: "cpu" on the CPU where the kernels built, else DEFAULT_BACKEND's or "xla"."""
+    platform = jax.default_backend()
+    if platform == "cpu" and cpu_kernels.available():
+        return "cpu"
+    return DEFAULT_BACKEND.get(platform, FALLBACK_BACKEND)
 
 
 def resolve_backend(backend: str | None) -> str:
-    """None -> the platform's default; anything else is checked against BACKENDS."""
-    backend = backend or DEFAULT_BACKEND.get(jax.default_backend(), FALLBACK_BACKEND)
+    """None -> the platform's default; anything else is checked against BACKENDS, and "cpu" against the kernels
+    having built."""
+    backend = backend or default_backend()
     if backend not in BACKENDS:
         raise ValueError(f"attention backend={backend!r} must be one of {BACKENDS}")
+    if backend == "cpu" and jax.default_backend() != "cpu":
+        raise ValueError(f"attention backend='cpu' runs on the CPU platform only, not {jax.default_backend()!r}")
+    if backend == "cpu" and not cpu_kernels.available():
+        raise ValueError(f"attention backend='cpu' needs the CPU kernels, which are unavailable: "
+                         f"{cpu_kernels.unavailable_reason()}")
     return backend
 
 
@@ -58,6 +79,8 @@ def attention(
     scales = {"k_scales": k_scales, "v_scales": v_scales}
     if backend == "xla":
         return blocked_attention(*args, sliding_window=sliding_window, layer=layer, **scales)
+    if backend == "cpu":
+        return cpu_paged_attention(*args, sliding_window=sliding_window, layer=layer, **scales)
     if backend == "reference":
         return attention_reference(*args, sliding_window=sliding_window, layer=layer, **scales)
     check_backend_reads(backend, kv_cache_dtype_of(k_pages))

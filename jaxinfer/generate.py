@@ -176,7 +176,10 @@ def check_attention_backend(attention_backend, kv_cache_dtype: str | None = None
     """ParameterError naming attention_backend unless it is a backend that reads a cache of kv_cache_dtype."""
     if attention_backend is not None and attention_backend not in attention_lib.BACKENDS:
         raise ParameterError("attention_backend", f"must be one of {attention_lib.BACKENDS}", value=attention_backend)
-    backend = attention_lib.resolve_backend(attention_backend)
+    try:
+        backend = attention_lib.resolve_backend(attention_backend)
+    except ValueError as e:  # "cpu" asked for where the CPU kernels did not build
+        raise ParameterError("attention_backend", str(e), value=attention_backend) from None
     if kv_cache_dtype is not None and backend not in attention_lib.QUANTIZED_CACHE_BACKENDS:
         reason = (f"reads float caches only, not kv_cache_dtype={kv_cache_dtype!r}; "
                   f"use one of {attention_lib.QUANTIZED_CACHE_BACKENDS}")

@@ -243,7 +243,7 @@ REFUSED = [
      "sampling[1] must be a SamplingParams, not dict", "sampling"),
     ({"page_size": 0}, "page_size=0 must be an int >= 1", "page_size"),
     ({"attention_backend": "cudnn"},
-     "attention_backend='cudnn' must be one of ('xla', 'reference', 'pallas', 'pallas-interpret')",
+     "attention_backend='cudnn' must be one of ('xla', 'cpu', 'reference', 'pallas', 'pallas-interpret')",
      "attention_backend"),
     ({"prefill_chunk": 0}, "prefill_chunk=0 must be an int in [1, 2147483647]", "prefill_chunk"),
 ]

@@ -42,14 +42,16 @@ CXX_ENV = "CXX"
 MODES = ("auto", "on", "off")
 
 SOURCE_DIR = Path(__file__).resolve().parent
-SOURCES = ("qmatmul.cc", "qmatmul_x86.inc")  # every file the build reads: all of them go into the hash
-MAIN_SOURCES = ("qmatmul.cc",)  # the translation units
+# every file the build reads: all of them go into the hash
+SOURCES = ("qmatmul.cc", "qmatmul_x86.inc", "paged_attention.cc", "paged_attention_tile.inc")
+MAIN_SOURCES = ("qmatmul.cc", "paged_attention.cc")  # the translation units
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
 # FFI handler symbol -> the target name jax.ffi.ffi_call uses.
 HANDLERS = {
     "jaxinfer_qmatmul_q8_0": "jaxinfer_qmatmul_q8_0",
     "jaxinfer_qmatmul_q4_0": "jaxinfer_qmatmul_q4_0",
     "jaxinfer_qmatmul_int4_g32_min": "jaxinfer_qmatmul_int4_g32_min",
+    "jaxinfer_paged_attention": "jaxinfer_paged_attention",
 }
 BUILD_TIMEOUT_S = 600
 
