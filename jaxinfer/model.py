@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import attention as attn
-from jaxinfer import kv_cache, quant
+from jaxinfer import cpu_kernels, kv_cache, quant
 from jaxinfer.config import ModelConfig
 from jaxinfer.runtime import DEFAULT as DEFAULT_RUNTIME
 from jaxinfer.runtime import Runtime
@@ -76,15 +76,22 @@ LAYOUTS = ("scanned", "unrolled")
 DEFAULT_LAYOUT = {"cpu": "unrolled"}
 
 
-# Quantized weights: scanned everywhere. Unrolled, XLA:CPU dequantized every layer at the start of the program
-# (quant.after ties each layer to its input now), and the scanned int8 / int4 decode step ran as fast or faster
-# (profiles/README.md, "Quantized weights").
+# Quantized weights through XLA's dequantize-and-dot: scanned everywhere. Unrolled, XLA:CPU dequantized every layer
+# at the start of the program (quant.after ties each layer to its input now), and the scanned int8 / int4 decode
+# step ran as fast or faster (profiles/README.md, "Quantized weights").
 QUANTIZED_LAYOUT: dict[str, str] = {}
+# Through the CPU kernels (jaxinfer.cpu_kernels, where they built): unrolled, as float weights are. Under lax.scan
+# each layer's slice of a stacked weight is copied before a custom call reads it (a 49152 x 576 q4_0 matvec:
+# 4.37 ms on a scanned slice, 1.49 ms on the array itself).
+KERNEL_LAYOUT = {"cpu": "unrolled"}
 
 
 def layout_for_platform(platform: str | None = None, quantized: bool = False) -> str:
+    platform = platform or jax.default_backend()
+    if quantized and platform in KERNEL_LAYOUT and cpu_kernels.available():
+        return KERNEL_LAYOUT[platform]
     table = QUANTIZED_LAYOUT if quantized else DEFAULT_LAYOUT
-    return table.get(platform or jax.default_backend(), "scanned")
+    return table.get(platform, "scanned")
 
 
 def is_quantized(params: Params) -> bool:
@@ -363,7 +370,7 @@ def decoder_layer(layer, cfg, x, pool, index, *, groups, write_to, inv_freq, bac
     """One layer: x [1, N, D] -> x [1, N, D], with this chunk's K/V written into layer `index` of the cache;
     groups: a _GroupKeys per group of rows, in the order of their tokens in x; write_to: where each token's K/V
     goes, kv_cache.page_addresses' (page, slot) [1, N]."""
-    layer = quant.after(layer, x)  # a quantized layer's weights are dequantized as it runs, not all at the start
+    layer = quant.after(layer, x, matmul)  # a quantized layer's weights are dequantized as it runs, not at the start
     with jax.named_scope("attention"):
         h = rms_norm(x, layer.attn_norm, cfg.norm_eps)
         h, pool = attention_block(layer, cfg, h, inv_freq, pool, groups, write_to, index, backend, matmul)

@@ -437,13 +437,16 @@ def take(w, indices: jax.Array) -> jax.Array:
     return dequantize_storage(w.map_parts(lambda p: p[indices]))
 
 
-def after(tree, x: jax.Array):
+def after(tree, x: jax.Array, matmul: str | None = None):
     """tree's QuantArrays, tied to x: their dequantization cannot be scheduled before x exists. XLA:CPU hoisted
     every layer's weight conversion to the start of an unrolled program (the whole float model in temporaries on
     every call; an optimization_barrier did not stop it): each QuantArray's scales get a zero computed from x's
-    first element's sign bit, a data dependency no pass folds, so each layer's weights are dequantized as it runs."""
+    first element's sign bit, a data dependency no pass folds, so each layer's weights are dequantized as it runs.
+    A weight the CPU kernel contracts (kernel_activations under `matmul`) is never dequantized: left as it is (the
+    tie would copy its scales every step)."""
     leaves, treedef = jax.tree.flatten(tree, is_leaf=is_quant)
-    if not any(is_quant(leaf) for leaf in leaves):
+    tied = [is_quant(leaf) and kernel_activations(leaf, matmul) is None for leaf in leaves]
+    if not any(tied):
         return tree
     sign = jax.lax.bitcast_convert_type(x.reshape(-1)[0].astype(jnp.float32), jnp.uint32) >> 31  # [] 0 or 1
     zero = jnp.minimum(sign, 0)
@@ -451,7 +454,7 @@ def after(tree, x: jax.Array):
     def tie(w: QuantArray) -> QuantArray:
         return dataclasses.replace(w, parts={**w.parts, "scales": w.parts["scales"] + zero.astype(w.parts["scales"].dtype)})
 
-    return jax.tree.unflatten(treedef, [tie(leaf) if is_quant(leaf) else leaf for leaf in leaves])
+    return jax.tree.unflatten(treedef, [tie(leaf) if t else leaf for leaf, t in zip(leaves, tied)])
 
 
 # --------------------------------------------------------------------------------------------

@@ -114,3 +114,22 @@ def test_kernels_that_did_not_build(monkeypatch):
     assert KERNEL_CALL not in _forward_program(model, None)
     with pytest.raises(ValueError, match=r"quantized_matmul='kernel'.*unavailable: no compiler"):
         _forward_program(model, "kernel")
+
+
+def test_after_leaves_kernel_weights_alone():
+    """quant.after ties XLA-path weights to the layer's input; a weight the kernel reads is passed through as it is
+    (tying it would copy its scales every step)."""
+    kernel_w = jaxinfer.random_model(CFG, quantize="int8", layout="unrolled").params.layers[0].wq  # q8_0
+    xla_w = jaxinfer.random_model(CFG, quantize="int8-channel", layout="unrolled").params.layers[0].wq
+    x = jnp.ones((1, 2, CFG.d_model), jnp.float32)
+    tied_kernel, tied_xla = quant.after((kernel_w, xla_w), x)
+    assert tied_kernel.parts["scales"] is kernel_w.parts["scales"]
+    assert tied_xla.parts["scales"] is not xla_w.parts["scales"]
+    assert quant.after(kernel_w, x, "xla").parts["scales"] is not kernel_w.parts["scales"]
+
+
+def test_quantized_models_load_unrolled_where_the_kernels_run():
+    """Under lax.scan a custom call's operand slice is copied every step: the kernel's models are unrolled."""
+    assert model_lib.layout_of(jaxinfer.random_model(CFG, quantize="int4").params) == "unrolled"
+    assert model_lib.layout_for_platform("cpu", quantized=True) == "unrolled"
+    assert model_lib.layout_for_platform("gpu", quantized=True) == "scanned"
