@@ -54,6 +54,7 @@ struct Problem {
   Storage storage;
   const void* k;              // the layer's pages [K, P, page_size, H]
   const void* v;
+  int64_t element_bytes;      // of one stored K/V element
   const float* k_scales;      // int8: the layer's [K, P, page_size]; else null
   const float* v_scales;
   float k_scale, v_scale;     // fp8: the layer's scale; else 1
@@ -212,10 +213,10 @@ std::vector<Unit> PlanUnits(const Problem& pr, int64_t tokens_per_block, int64_t
 }
 
 // The units' partial rows [m, l, acc[H]] of one item merged into its output rows (0 where no key was seen).
-void MergeItem(const Problem& pr, const std::vector<Unit>& units, const float* partials, int64_t first, int64_t last,
-               float* o) {
+void MergeItem(const Problem& pr, const std::vector<Unit>& units, const float* partials, int64_t stride, int64_t first,
+               int64_t last, float* o) {
   const Unit& u = units[first];
-  const int64_t h = pr.head_dim, width = 2 + h, rows = pr.group * (u.t1 - u.t0), stride = kMaxRows * width;
+  const int64_t h = pr.head_dim, width = 2 + h, rows = pr.group * (u.t1 - u.t0);
   for (int64_t r = 0; r < rows; ++r) {
     float m = kMasked;
     for (int64_t i = first; i < last; ++i) m = std::max(m, partials[i * stride + r * width]);
@@ -302,7 +303,8 @@ ffi::Error Describe(ffi::Buffer<ffi::F32>& q, ffi::AnyBuffer& k_pages, ffi::AnyB
 
   const int64_t l = std::min<int64_t>(std::max<int64_t>(layer.typed_data()[0], 0), num_layers - 1);
   const int64_t layer_vectors = kv_heads * pr->num_pages * pr->page_size;  // [K, P, page_size]
-  const int64_t layer_bytes = layer_vectors * head_dim * ffi::ByteWidth(k_pages.element_type());
+  pr->element_bytes = static_cast<int64_t>(ffi::ByteWidth(k_pages.element_type()));
+  const int64_t layer_bytes = layer_vectors * head_dim * pr->element_bytes;
   pr->k = static_cast<const char*>(k_pages.untyped_data()) + l * layer_bytes;
   pr->v = static_cast<const char*>(v_pages.untyped_data()) + l * layer_bytes;
   pr->k_scale = pr->v_scale = 1.0f;
@@ -331,18 +333,22 @@ ffi::Error Describe(ffi::Buffer<ffi::F32>& q, ffi::AnyBuffer& k_pages, ffi::AnyB
 void Attend(ffi::ThreadPool& pool, const Problem& pr, int64_t threads, int64_t isa, float* o) {
   std::fill(o, o + pr.batch * pr.tokens * pr.heads * pr.head_dim, 0.0f);
   int64_t num_items = 0;
-  const std::vector<Unit> units = PlanUnits(pr, std::max<int64_t>(1, kMaxRows / pr.group), threads, &num_items);
+  const int64_t tokens_per_block = std::min(pr.tokens, std::max<int64_t>(1, kMaxRows / pr.group));
+  const std::vector<Unit> units = PlanUnits(pr, tokens_per_block, threads, &num_items);
   if (units.empty()) return;
-  const int64_t width = 2 + pr.head_dim, scratch_floats = (3 * kTileKeys + kMaxRows) * pr.head_dim;
-  std::vector<float> partials(units.size() * kMaxRows * width);  // [units, kMaxRows, 2 + H]
+  const int64_t width = 2 + pr.head_dim, stride = pr.group * tokens_per_block * width;  // a unit's [Q, 2 + H]
+  const int64_t scratch_floats = (3 * kTileKeys + kMaxRows) * pr.head_dim;
+  // [units, Q, 2 + H], every row written by its unit before it is read: no zeroing (a decode step's would be most
+  // of its memory traffic after the pages).
+  std::unique_ptr<float[]> partials(new float[units.size() * stride]);
   ParallelFor(pool, threads, static_cast<int64_t>(units.size()), [&](int64_t i) {
     std::vector<float> scratch(scratch_floats);  // tiles and scaled queries: once per unit, not per tile
-    RunUnit(isa, pr, units[i], partials.data() + i * kMaxRows * width, scratch.data());
+    RunUnit(isa, pr, units[i], partials.get() + i * stride, scratch.data());
   });
   for (size_t first = 0; first < units.size();) {
     size_t last = first + 1;
     while (last < units.size() && units[last].item == units[first].item) ++last;
-    MergeItem(pr, units, partials.data(), first, last, o);
+    MergeItem(pr, units, partials.get(), stride, first, last, o);
     first = last;
   }
 }
