@@ -182,6 +182,14 @@ def test_stacked_pool_with_a_layer_index_under_jit_and_scan(storage):
     assert_close(total, sum(want), atol=3 * ATOL)
 
 
+def test_vmap_over_queries():
+    case = make_case([21, 6], tokens=3, layers=2)
+    qs = jnp.stack([case.q, 2 * case.q])  # [2, B, T, N, H]
+    o = jax.vmap(lambda q: pa.paged_attention(q, *case.args[1:], layer=jnp.int32(1)))(qs)
+    for i in range(2):
+        assert_close(o[i], reference(dataclasses.replace(case, q=qs[i]), layer=1))
+
+
 def test_a_layer_slice_is_never_copied():
     """The stacked pool goes to the kernel whole: the compiled program slices no layer out of it."""
     case = make_case([21], tokens=1, layers=4)
