@@ -4,7 +4,9 @@ Backends:
 - "cpu" (the default on the CPU when jaxinfer.cpu_kernels built, JAXINFER_CPU_KERNELS=auto|on|off):
   `jaxinfer.cpu_kernels.paged_attention`, a C++ kernel through jax.ffi that reads the pool where it lies (the
   stacked pool and the layer index as they are, pages through the table, int8 / fp8 codes with their scales),
-  online softmax in float32, threads from XLA's pool. Decode steps and prefill chunks alike.
+  online softmax in float32, threads from XLA's pool. Decode steps and chunks of up to CPU_KERNEL_MAX_QUERIES
+  queries; a longer prefill chunk goes to "xla", which was faster there (a 512-token chunk over 2,000 keys:
+  33 ms in the kernel, 25 ms in XLA; level at 16, profiles/probes/cpu_paged_attention.py).
 - "xla" (the default elsewhere, and on the CPU without the kernels): `jaxinfer.xla_attention.blocked_attention`,
   plain XLA ops that read only the key blocks a query can see, flash-style, so a chunk of a long prompt never
   scores the padded context.
@@ -30,6 +32,7 @@ from jaxinfer.xla_attention import blocked_attention
 from pallas_kernels.reference import attention_reference
 
 BACKENDS = ("xla", "cpu", "reference", "pallas", "pallas-interpret")
+CPU_KERNEL_MAX_QUERIES = 16  # "cpu": rows of up to this many queries to the kernel, longer chunks to "xla"
 # The Pallas kernels have run only in interpret mode so far (no GPU was lent to the sessions that wrote them), so
 # other platforms default to plain XLA; make "gpu" -> "pallas" once they are checked compiled on a GPU.
 DEFAULT_BACKEND: dict[str, str] = {}
@@ -79,8 +82,10 @@ def attention(
     scales = {"k_scales": k_scales, "v_scales": v_scales}
     if backend == "xla":
         return blocked_attention(*args, sliding_window=sliding_window, layer=layer, **scales)
-    if backend == "cpu":
+    if backend == "cpu" and q.shape[1] <= CPU_KERNEL_MAX_QUERIES:
         return cpu_paged_attention(*args, sliding_window=sliding_window, layer=layer, **scales)
+    if backend == "cpu":  # a long prefill chunk: XLA's blocked dots beat the kernel's there
+        return blocked_attention(*args, sliding_window=sliding_window, layer=layer, **scales)
     if backend == "reference":
         return attention_reference(*args, sliding_window=sliding_window, layer=layer, **scales)
     check_backend_reads(backend, kv_cache_dtype_of(k_pages))
