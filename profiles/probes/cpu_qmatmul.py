@@ -50,7 +50,7 @@ def xla_dequantize_and_dot(x, parts, layout):
     """quant.einsum's XLA path (matmul="xla"): the dequantized W [N, K] as stored, contracted; tied to x by
     quant.after as the model ties each layer's weights (else XLA:CPU dequantizes every weight up front)."""
     w = quant.QuantArray(parts, layout, out_ndim=1, contract_first=False, contract_inner=(), dtype="float32")
-    return quant.einsum("mk,nk->mn", x, quant.after(w, x), matmul="xla")
+    return quant.einsum("mk,nk->mn", x, quant.after(w, x, matmul="xla"), matmul="xla")
 
 
 def unrolled(matmul):
