@@ -26,8 +26,8 @@ def main() -> None:
     quantized = jaxinfer.load_model()
     models = {"f32": jaxinfer.load_model(quantize="none")}
     models.update({m: dataclasses.replace(quantized, quantized_matmul=m) for m in jaxinfer.QUANTIZED_MATMULS})
-    for model in models.values():  # compile every path first
-        jaxinfer.generate(model, prompt, max_new_tokens=4, sampling=greedy)
+    for model in models.values():  # compile every path first (max_new_tokens is static: the same count)
+        jaxinfer.generate(model, prompt, max_new_tokens=args.tokens, sampling=greedy)
     for _ in range(args.rounds):
         for name, model in models.items():
             t = time.perf_counter()
