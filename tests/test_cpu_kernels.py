@@ -324,3 +324,16 @@ def test_off_means_off(tmp_path):
     out, err, code = run_probe({build.DIR_ENV: str(tmp_path), build.MODE_ENV: "off"})
     assert code == 0 and result_of(out) == ["False", "None", f"{build.MODE_ENV}=off"], err
     assert not list(tmp_path.iterdir())
+
+
+def test_unverified_instruction_sets_run_only_when_named(monkeypatch):
+    """AVX-512 code has not yet run on a CPU that has it: a machine with it uses AVX2 unless the environment names
+    avx512 (build.UNVERIFIED_ISAS)."""
+    from jaxinfer.cpu_kernels import build
+
+    monkeypatch.delenv(build.ISA_ENV, raising=False)
+    assert build.usable_isas(("scalar", "avx2", "avx512"), 3) == ("scalar", "avx2")
+    assert build.usable_isas(("scalar", "avx2", "avx512"), 1) == ("scalar",)
+    monkeypatch.setenv(build.ISA_ENV, "avx512")
+    assert build.usable_isas(("scalar", "avx2", "avx512"), 3) == ("scalar", "avx2", "avx512")
+    assert build.usable_isas(("scalar", "avx2", "avx512"), 2) == ("scalar", "avx2")

@@ -39,6 +39,19 @@ import jaxlib
 MODE_ENV = "JAXINFER_CPU_KERNELS"
 DIR_ENV = "JAXINFER_CPU_KERNELS_DIR"
 CXX_ENV = "CXX"
+ISA_ENV = "JAXINFER_CPU_KERNELS_ISA"
+# Compiled, but never yet run on a CPU that has them (the machines so far had AVX2 only): used only where
+# $JAXINFER_CPU_KERNELS_ISA names one, so that a machine with AVX-512 runs the AVX2 code the tests have checked.
+UNVERIFIED_ISAS = ("avx512",)
+
+
+def usable_isas(isas: tuple[str, ...], best: int) -> tuple[str, ...]:
+    """The instruction sets a kernel may use, lowest first: isas[:best] (what the CPU runs), less UNVERIFIED_ISAS
+    unless the environment asks for one by name."""
+    runs = isas[:best]
+    if os.environ.get(ISA_ENV) in UNVERIFIED_ISAS:
+        return runs
+    return tuple(isa for isa in runs if isa not in UNVERIFIED_ISAS)
 MODES = ("auto", "on", "off")
 
 SOURCE_DIR = Path(__file__).resolve().parent

@@ -28,7 +28,7 @@ from pallas_kernels.reference import attention_reference
 
 TARGET = "jaxinfer_paged_attention"
 ISAS = ("scalar", "avx2", "avx512")  # paged_attention.cc's Isa values 1, 2, 3
-ISA_ENV = "JAXINFER_CPU_KERNELS_ISA"
+ISA_ENV = build.ISA_ENV
 PAGE_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.int8, jnp.float8_e4m3fn))
 MAX_GROUP = 64  # query heads per kv head (paged_attention.cc's kMaxRows)
 
@@ -36,10 +36,11 @@ paged_attention_reference = attention_reference
 
 
 def supported_isas() -> tuple[str, ...]:
-    """The instruction sets this CPU runs the kernel with, lowest first (builds the kernels if need be)."""
+    """The instruction sets the kernel may use on this CPU, lowest first (builds the kernels if need be; see
+    build.UNVERIFIED_ISAS)."""
     handle = build.library().handle
     handle.jaxinfer_paged_attention_best_isa.restype = np.ctypeslib.ctypes.c_int64
-    return ISAS[: handle.jaxinfer_paged_attention_best_isa()]
+    return build.usable_isas(ISAS, handle.jaxinfer_paged_attention_best_isa())
 
 
 def _isa_code(isa: str | None) -> int:
@@ -47,7 +48,7 @@ def _isa_code(isa: str | None) -> int:
     environment's is a ceiling (clipped to what the CPU runs); an explicit isa the CPU lacks is a ValueError."""
     chosen = isa or os.environ.get(ISA_ENV) or None
     if chosen is None:
-        return 0
+        return len(supported_isas())  # the best usable
     if chosen not in ISAS:
         raise ValueError(f"isa={chosen!r} must be one of {ISAS} (or set {ISA_ENV})")
     supported = supported_isas()

@@ -37,7 +37,7 @@ LAYOUTS: dict[str, tuple[tuple[str, np.dtype, int], ...]] = {
                      ("mins", np.dtype(np.float16), BLOCK)),
 }
 ISAS = ("scalar", "avx2", "avx512")  # qmatmul.cc's Isa values 1, 2, 3
-ISA_ENV = "JAXINFER_CPU_KERNELS_ISA"
+ISA_ENV = build.ISA_ENV
 ACTIVATIONS = ("int8", "float32", "auto")
 # activations="auto": from this many rows of x on, float activations (a dequantized panel of W through an sgemm tile)
 # run as fast as int8 block dots on AVX2 (measured in thread CPU time, weights in cache, 2026-12-03), and are exact.
@@ -46,15 +46,16 @@ FLOAT_ACTIVATIONS_FROM_M = {"q8_0": 32, "q4_0": 64, "int4_g32_min": 64}
 
 
 def supported_isas() -> tuple[str, ...]:
-    """The instruction sets this CPU runs, lowest first (builds the kernels if need be)."""
-    return ISAS[: build.library().best_isa]
+    """The instruction sets the kernel may use on this CPU, lowest first (builds the kernels if need be; see
+    build.UNVERIFIED_ISAS)."""
+    return build.usable_isas(ISAS, build.library().best_isa)
 
 
 def _isa_code(isa: str | None) -> int:
     """isa (None: $JAXINFER_CPU_KERNELS_ISA, else the best) -> the kernel's `isa` attribute (0: the best)."""
     isa = isa or os.environ.get(ISA_ENV) or None
     if isa is None:
-        return 0
+        return len(supported_isas())  # the best usable
     if isa not in ISAS:
         raise ValueError(f"isa={isa!r} must be one of {ISAS} (or set {ISA_ENV})")
     if isa not in supported_isas():
