@@ -56,7 +56,7 @@ MODES = ("auto", "on", "off")
 
 SOURCE_DIR = Path(__file__).resolve().parent
 # every file the build reads: all of them go into the hash
-SOURCES = ("qmatmul.cc", "qmatmul_x86.inc", "paged_attention.cc", "paged_attention_tile.inc")
+SOURCES = ("parallel_for.h", "qmatmul.cc", "qmatmul_x86.inc", "paged_attention.cc", "paged_attention_tile.inc")
 MAIN_SOURCES = ("qmatmul.cc", "paged_attention.cc")  # the translation units
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
 # FFI handler symbol -> the target name jax.ffi.ffi_call uses.

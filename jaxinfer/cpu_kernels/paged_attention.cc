@@ -31,6 +31,7 @@
 #include <thread>
 #include <vector>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -140,43 +141,8 @@ void RunUnit(int64_t isa, const Problem& pr, const Unit& u, float* partial, floa
   portable::RunUnit(pr, u, partial, scratch);
 }
 
-// Units claimed through `next`; `done` counts finished ones. Shared with the helper tasks through a shared_ptr: a
-// helper that starts after the handler returned finds nothing left to claim and touches nothing else.
-struct Job {
-  std::function<void(int64_t)> run;  // reads the handler's buffers: only called for a claimed unit
-  int64_t count = 0;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  std::mutex mutex;
-  std::condition_variable finished;
-
-  void Work() {
-    for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) {
-      run(i);
-      if (done.fetch_add(1) + 1 == count) {
-        std::lock_guard<std::mutex> lock(mutex);
-        finished.notify_all();
-      }
-    }
-  }
-};
-
-// run(i) for i in [0, count) on up to `threads` threads: the caller and threads - 1 pool tasks.
-void ParallelFor(ffi::ThreadPool& pool, int64_t threads, int64_t count, std::function<void(int64_t)> run) {
-  const int64_t helpers = std::min(threads, count) - 1;
-  if (helpers <= 0) {
-    for (int64_t i = 0; i < count; ++i) run(i);
-    return;
-  }
-  auto job = std::make_shared<Job>();
-  job->run = std::move(run);
-  job->count = count;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job] { job->Work(); });
-  job->Work();
-  // Every unit is claimed now; wait for those still running (their threads have started).
-  std::unique_lock<std::mutex> lock(job->mutex);
-  job->finished.wait(lock, [&] { return job->done.load() == job->count; });
-}
+using jaxinfer_cpu::ParallelFor;
+using jaxinfer_cpu::UsableThreads;
 
 // The units: per (b, kv head, token block) the union of its rows' visible keys, split into several units when there
 // are fewer items than 4 per thread and the range is long. items_out: the number of (b, kv head, token block).
@@ -371,9 +337,7 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::An
   if (isa < kScalar || isa > best) {
     return Invalid("isa " + std::to_string(isa) + " is not one this CPU has (best " + std::to_string(best) + ")");
   }
-  // XLA's pool has a thread per forced host device (8 in the tests on 2 cores): no more threads than cores.
-  const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
-  threads = std::min(cores, threads > 0 ? threads : std::max<int64_t>(1, pool.num_threads()));
+  threads = UsableThreads(pool, threads);
   Attend(pool, pr, threads, isa, o->typed_data());
   return ffi::Error::Success();
 }

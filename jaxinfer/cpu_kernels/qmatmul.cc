@@ -37,6 +37,7 @@
 #include <thread>
 #include <vector>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -260,43 +261,8 @@ void RunRows(int64_t isa, bool float_activations, const Weights& w, const Activa
   RowsScalar(w, x, n_begin, n_end, y);
 }
 
-// Row chunks claimed through `next`; `done` counts finished ones. Shared with the helper tasks through a shared_ptr:
-// a helper that starts after the handler returned finds no chunk left and touches nothing else.
-struct Job {
-  std::function<void(int64_t)> run_chunk;  // reads the handler's buffers: only called for a claimed chunk
-  int64_t num_chunks = 0;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  std::mutex mutex;
-  std::condition_variable finished;
-
-  void Work() {
-    for (int64_t i = next.fetch_add(1); i < num_chunks; i = next.fetch_add(1)) {
-      run_chunk(i);
-      if (done.fetch_add(1) + 1 == num_chunks) {
-        std::lock_guard<std::mutex> lock(mutex);
-        finished.notify_all();
-      }
-    }
-  }
-};
-
-// run_chunk(i) for i in [0, num_chunks) on up to `threads` threads: the caller and threads - 1 pool tasks.
-void ParallelFor(ffi::ThreadPool& pool, int64_t threads, int64_t num_chunks, std::function<void(int64_t)> run_chunk) {
-  int64_t helpers = std::min(threads, num_chunks) - 1;
-  if (helpers <= 0) {
-    for (int64_t i = 0; i < num_chunks; ++i) run_chunk(i);
-    return;
-  }
-  auto job = std::make_shared<Job>();
-  job->run_chunk = std::move(run_chunk);
-  job->num_chunks = num_chunks;
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([job] { job->Work(); });
-  job->Work();
-  // Every chunk is claimed now; wait for those still running (their threads have started).
-  std::unique_lock<std::mutex> lock(job->mutex);
-  job->finished.wait(lock, [&] { return job->done.load() == job->num_chunks; });
-}
+using jaxinfer_cpu::ParallelFor;
+using jaxinfer_cpu::UsableThreads;
 
 // Rows per chunk: enough chunks to balance the threads; each worth at least ~96 KB of weights streamed per x row, so
 // a matrix under ~192 KB runs on the calling thread alone (a helper task starts 10-120 us after it is scheduled on
@@ -407,9 +373,7 @@ ffi::Error QMatmul(ffi::ThreadPool pool, Layout layout, ffi::Buffer<ffi::F32> x,
     return ffi::Error::InvalidArgument("qmatmul: isa " + std::to_string(isa) + " is not one this CPU has (best " +
                                        std::to_string(best) + ")");
   }
-  // XLA's pool has a thread per forced host device (8 in the tests on 2 cores): no more threads than cores.
-  const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
-  threads = std::min(cores, threads > 0 ? threads : std::max<int64_t>(1, pool.num_threads()));
+  threads = UsableThreads(pool, threads);
 
   ffi::Span<const int64_t> batch(out_dims.begin(), rank - 2);
   Operand x_op{x.dimensions(), 2}, layer_op{layer.dimensions(), 0}, w_op{values.dimensions(), 3},
