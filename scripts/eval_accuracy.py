@@ -69,9 +69,12 @@ def parse_args(argv):
     p.add_argument("--kv-cache-dtype", default=None, help="the model's KV cache dtype, where load_model takes one")
     p.add_argument("--quantized-matmul", default=None,
                    help="how the model contracts quantized weights (Model.quantized_matmul: xla, kernel, kernel-int8; "
-                        "default: the platform's); the reference always takes XLA's dequantize-and-dot")
+                        "default: the platform's)")
     p.add_argument("--reference", default=None, help="the reference model (default: --model)")
     p.add_argument("--reference-quantize", default="none", help="how the reference's weights are held")
+    p.add_argument("--reference-quantized-matmul", default="xla",
+                   help="how the reference contracts quantized weights (default xla, XLA's dequantize-and-dot): with "
+                        "--reference-quantize auto, the same weights through another matmul isolate the kernel's error")
     p.add_argument("--reference-logits", default=None,
                    help="FILE.npy: the reference's logits at the scored positions; written on the first run (as "
                         "llama-perplexity's --kl-divergence-base), read instead of running the reference afterwards")
@@ -88,8 +91,10 @@ def check_args(args, quantize_choices) -> None:
             name = "--" + flag.replace("_", "-")
             fail(f"{name} {getattr(args, flag)!r} is not one of {', '.join(quantize_choices)}")
     matmuls = getattr(jaxinfer, "QUANTIZED_MATMULS", ())
-    if args.quantized_matmul is not None and args.quantized_matmul not in matmuls:
-        fail(f"--quantized-matmul {args.quantized_matmul!r} is not one of {', '.join(matmuls)}")
+    for flag in ("quantized_matmul", "reference_quantized_matmul"):
+        value = getattr(args, flag)
+        if value is not None and matmuls and value not in matmuls:
+            fail(f"--{flag.replace('_', '-')} {value!r} is not one of {', '.join(matmuls)}")
     for flag, path in (("--model", args.model), ("--reference", args.reference), ("--text", args.text)):
         if path is not None and path != "default" and not Path(path).exists():
             fail(f"{flag} {path!r}: no such file or directory")
@@ -238,13 +243,14 @@ def main(argv=None) -> dict:
     saved = None
     if args.reference_logits:
         key = {"reference": reference_path if reference_path == "default" else str(Path(reference_path).resolve()),
-               "reference_quantize": args.reference_quantize, "ctx": args.ctx,
+               "reference_quantize": args.reference_quantize,
+               "reference_quantized_matmul": args.reference_quantized_matmul, "ctx": args.ctx,
                "tokens_sha256": hashlib.sha256(np.asarray(ids, np.int64).tobytes()).hexdigest()}
         saved = ReferenceLogits(args.reference_logits, key, (len(chunks), args.ctx - 1 - first, model.cfg.vocab_size))
     reference = None
     if saved is None or saved.saved is None:
-        plain = "xla" if _has_quantized_matmul() else None
-        reference = load(reference_path, args.reference_quantize, None, plain)
+        matmul = args.reference_quantized_matmul if _has_quantized_matmul() else None
+        reference = load(reference_path, args.reference_quantize, None, matmul)
         if reference.cfg.vocab_size != model.cfg.vocab_size:
             fail(f"--reference has a vocabulary of {reference.cfg.vocab_size}, the model {model.cfg.vocab_size}")
     print(f"{len(ids)} tokens (BOS {'added' if add_bos else 'not added'}), {len(chunks)} windows of {args.ctx}, "
@@ -271,7 +277,8 @@ def main(argv=None) -> dict:
     results = {
         "model": args.model, "quantize": args.quantize, "kv_cache_dtype": args.kv_cache_dtype,
         "quantized_matmul": args.quantized_matmul,
-        "reference": reference_path, "reference_quantize": args.reference_quantize, "text": args.text,
+        "reference": reference_path, "reference_quantize": args.reference_quantize,
+        "reference_quantized_matmul": args.reference_quantized_matmul, "text": args.text,
         "ctx": args.ctx, "tokens": len(ids), "add_bos": add_bos, "windows": len(chunks),
         **tally.results(), "held_bytes": held_bytes(model),
         "reference_held_bytes": reference_bytes, "seconds": seconds,

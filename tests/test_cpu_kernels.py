@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -113,6 +114,18 @@ def test_threads_give_the_same_bits(m):
     one = qm.qmatmul(x, "int4_g32_min", parts, threads=1)
     np.testing.assert_array_equal(np.asarray(one), np.asarray(qm.qmatmul(x, "int4_g32_min", parts, threads=2)))
     np.testing.assert_array_equal(np.asarray(one), np.asarray(qm.qmatmul(x, "int4_g32_min", parts)))
+
+
+def test_concurrent_calls_give_the_one_thread_bits():
+    """Handlers running at once (Python threads here; 8 host devices under shard_map): one holds the spinning helpers
+    (parallel_for.h), the others split their rows on XLA's pool; every answer is the one-thread answer, bit for bit."""
+    parts, x = random_parts("q4_0", 2048, 256, seed=7), random_x(1, 256)  # 2048 rows: many chunks
+    want = np.asarray(qm.qmatmul(x, "q4_0", parts, threads=1))
+    f = jax.jit(lambda x, p: qm.qmatmul(x, "q4_0", p, threads=2))
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: np.asarray(f(x, parts)), range(64)))
+    for got in results:
+        np.testing.assert_array_equal(got, want)
 
 
 def test_refuses_what_the_layouts_cannot_hold():

@@ -264,17 +264,17 @@ void RunRows(int64_t isa, bool float_activations, const Weights& w, const Activa
 using jaxinfer_cpu::ParallelFor;
 using jaxinfer_cpu::UsableThreads;
 
-// Rows per chunk: enough chunks to balance the threads; each worth at least ~96 KB of weights streamed per x row, so
-// a matrix under ~192 KB runs on the calling thread alone (a helper task starts 10-120 us after it is scheduled on
-// this 2-core machine; a 576 x 576 q4_0 matvec, 186 KB, took 33 us on one thread and 52 on two); few enough rows
-// that a chunk's weights stay in cache while every x row passes over them (M > 1; the float path holds them
-// dequantized).
+constexpr int64_t kLeastChunkBytes = 16384;
+
+// Rows per chunk: enough chunks to balance the threads; each worth at least ~16 KB of weights streamed per x row (a
+// couple of microseconds: a spinning helper joins in well under one, parallel_for.h); few enough rows that a chunk's
+// weights stay in cache while every x row passes over them (M > 1; the float path holds them dequantized).
 int64_t RowsPerChunk(const Weights& w, int64_t m, bool float_activations, int64_t threads) {
   const int64_t stored_row = w.row_bytes + 2 * w.blocks * (w.mins ? 2 : 1);
   const int64_t cached_row = float_activations ? 4 * w.k : stored_row;
   const int64_t cache_bytes = m == 1 ? (int64_t{1} << 30) : float_activations ? 196608 : 65536;
   int64_t cache_rows = std::max<int64_t>(1, cache_bytes / cached_row);
-  int64_t least_rows = std::max<int64_t>(1, 98304 / (stored_row * m));
+  int64_t least_rows = std::max<int64_t>(1, kLeastChunkBytes / (stored_row * m));
   int64_t balance_rows = std::max<int64_t>(1, (w.n + 4 * threads - 1) / (4 * threads));
   int64_t rows = std::min(cache_rows, std::max(least_rows, balance_rows));
   return m == 1 ? rows : (rows + 3) / 4 * 4;  // whole tiles of rows
