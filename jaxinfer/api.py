@@ -30,8 +30,8 @@ class Model:
     # (jaxinfer.kv_cache): 1 + 4 / head_dim and 1 byte per element, against float32's 4.
     kv_cache_dtype: str | None = None
     # How generate and the Engine contract quantized weights (Runtime.quantized_matmul): None, the CPU kernels
-    # (jaxinfer.cpu_kernels) on the CPU where they built, else XLA's dequantize-and-dot; "xla"; "kernel";
-    # "kernel-int8" (activations rounded to int8 per block, as llama.cpp does: faster, not the same numbers).
+    # (jaxinfer.cpu_kernels) on the CPU where they built, else XLA's dequantize-and-dot; "xla"; "kernel"
+    # (activations rounded to 16 bits per block); "kernel-float"; "kernel-int8" (8 bits per block, as llama.cpp).
     quantized_matmul: str | None = None
 
     def __post_init__(self):

@@ -101,8 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     def run_args(p):
         p.add_argument("--quantized-matmul", choices=QUANTIZED_MATMULS, default=None,
                        help="how quantized weights meet their activations: xla (dequantize and dot), kernel (the "
-                            "native CPU matmul), kernel-int8 (activations rounded to int8 per 32, as llama.cpp "
-                            "does); default: kernel on the CPU where it built, else xla")
+                            "native CPU matmul, activations rounded to 16 bits per 32), kernel-float (float "
+                            "activations), kernel-int8 (8 bits per 32, as llama.cpp does); default: kernel on the "
+                            "CPU where it built, else xla")
 
     def kv_cache_args(p):
         p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None,

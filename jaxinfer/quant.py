@@ -41,7 +41,7 @@ import numpy as np
 
 from jaxinfer import cpu_kernels
 from jaxinfer.cpu_kernels import qmatmul as cpu_qmatmul
-from jaxinfer.quant_modes import MODES, QUANTIZE_CHOICES, QUANTIZED_MATMULS
+from jaxinfer.quant_modes import KERNEL_ACTIVATIONS, MODES, QUANTIZE_CHOICES, QUANTIZED_MATMULS
 
 # --------------------------------------------------------------------------------------------
 # Layouts
@@ -324,16 +324,16 @@ def check_quantized_matmul(matmul) -> str | None:
 
 
 def kernel_activations(w, matmul: str | None) -> str | None:
-    """How the CPU kernel takes this contraction's activations ("float32" / "int8"), or None for XLA's path.
-    None (the default) picks the kernel with float activations on the CPU where the kernels built and hold w's
-    layout; an explicit "kernel" / "kernel-int8" on a layout the kernel lacks also falls back to XLA (the same
+    """How the CPU kernel takes this contraction's activations ("int16" / "float32" / "int8"), or None for XLA's path.
+    None (the default) picks "kernel" (int16 activations) on the CPU where the kernels built and hold w's
+    layout; an explicit "kernel..." on a layout the kernel lacks also falls back to XLA (the same
     function), but off the CPU, or where the kernels did not build, it is a ValueError."""
     if not is_quant(w) or matmul == "xla":
         return None
     on_cpu = jax.default_backend() == "cpu"
     if matmul is None:
         usable = on_cpu and w.layout in cpu_qmatmul.LAYOUTS and cpu_kernels.available()
-        return "float32" if usable else None
+        return KERNEL_ACTIVATIONS["kernel"] if usable else None
     if not on_cpu:
         raise ValueError(f"quantized_matmul={matmul!r} runs on the CPU only (the backend is {jax.default_backend()})")
     if not cpu_kernels.available():
@@ -341,7 +341,7 @@ def kernel_activations(w, matmul: str | None) -> str | None:
                          f"{cpu_kernels.unavailable_reason()}")
     if w.layout not in cpu_qmatmul.LAYOUTS:
         return None
-    return "int8" if matmul == "kernel-int8" else "float32"
+    return KERNEL_ACTIVATIONS[matmul]
 
 
 def einsum(spec: str, x: jax.Array, w, *, matmul: str | None = None, **kwargs) -> jax.Array:

@@ -68,7 +68,7 @@ def parse_args(argv):
     p.add_argument("--quantize", default="auto", help="how the model's weights are held (load_model's quantize=)")
     p.add_argument("--kv-cache-dtype", default=None, help="the model's KV cache dtype, where load_model takes one")
     p.add_argument("--quantized-matmul", default=None,
-                   help="how the model contracts quantized weights (Model.quantized_matmul: xla, kernel, kernel-int8; "
+                   help="how the model contracts quantized weights (Model.quantized_matmul: xla, kernel, kernel-float, kernel-int8; "
                         "default: the platform's)")
     p.add_argument("--reference", default=None, help="the reference model (default: --model)")
     p.add_argument("--reference-quantize", default="none", help="how the reference's weights are held")

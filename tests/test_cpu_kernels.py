@@ -61,6 +61,7 @@ def assert_close(y, want, rel: float):
 SAME_ARITHMETIC = 1e-5
 # int8 activations against the float reference (random data; the figure depends on the data, reported by the probe).
 INT8_VS_FLOAT = 2e-2
+INT16_VS_FLOAT = 2e-4  # a 256 times finer step
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -73,11 +74,15 @@ def test_matches_reference(layout, m):
     assert_close(y, qm.qmatmul_reference(x, layout, parts), INT8_VS_FLOAT)
     y_float = qm.qmatmul(x, layout, parts, activations="float32")
     assert_close(y_float, qm.qmatmul_reference(x, layout, parts), SAME_ARITHMETIC)
+    y16 = qm.qmatmul(x, layout, parts, activations="int16")  # M = 1 integer dots, M > 1 float dots on round16(x)
+    assert_close(y16, qm.qmatmul_reference(x, layout, parts, activations="int16"), SAME_ARITHMETIC)
+    assert_close(y16, qm.qmatmul_reference(x, layout, parts), INT16_VS_FLOAT)
+    assert not np.array_equal(np.asarray(y16), np.asarray(y_float))  # rounded: not float's numbers
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("isa", qm.ISAS)
-@pytest.mark.parametrize("activations", ["int8", "float32"])
+@pytest.mark.parametrize("activations", ["int8", "int16", "float32"])
 def test_every_instruction_set(layout, isa, activations):
     if isa not in qm.supported_isas():
         pytest.skip(f"this CPU runs {qm.supported_isas()}, not {isa}")

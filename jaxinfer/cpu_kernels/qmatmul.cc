@@ -7,9 +7,13 @@
 // Nibbles in ggml's order: in each block's 16 bytes, byte j holds code j (low nibble) and code j + 16 (high).
 //
 // Every layout is "codes times a block scale, plus a block min" (q4_0's min is -8 d, q8_0's is 0), so one dot serves
-// all: x is quantized per block of 32 to int8 (x ~ dx * qx, llama.cpp's Q8_1 idea), and for each (row, block)
+// all: x is quantized per block of 32 to int8 or int16 (x ~ dx * qx, llama.cpp's Q8_1 idea), and for each (row, block)
 //   sum_i w_i x_i = d * dx * sum_i q_i qx_i  +  m * (dx * sum_i qx_i)
 // an integer dot of the codes, a scale per block, and the min against the block sum precomputed with x.
+// The arithmetic (Dot): int8 activations (maddubs: the fastest, llama.cpp's rounding), int16 (madd: a step of
+// max|x| / 32767 per block, 256 times finer, about 1.4 times int8's work), or float (x as it is, a panel of W
+// dequantized in cache: exact up to the order of the sums). int16 streams at M = 1; from M = 2 on it runs the float
+// path on x rounded to its 16-bit grid (the same function: W . round16(x), up to the order of the sums).
 // A layout with groups of 64 or 128 reads the same scale for 2 or 4 blocks (ScaleIndex), int8_channel one per row;
 // the K-quants compute d and m from their sub-block scales where MinOf and the block loads stand.
 //
@@ -31,6 +35,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <limits>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -55,6 +60,9 @@ constexpr int64_t kBlock = 32;
 
 enum class Layout { kQ8_0, kQ4_0, kQ4_1 };
 
+// How a chunk of rows is computed: integer block dots against x's int8 or int16 codes, or float dots against x.
+enum class Dot { kInt8, kInt16, kFloat };
+
 // The values of the `isa` attribute (and of jaxinfer_cpu_kernels_best_isa): 0 picks the best the CPU has.
 enum Isa : int64_t { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
 
@@ -70,10 +78,11 @@ struct Weights {
   int64_t row_bytes, block_bytes;
 };
 
-// x quantized per block of 32: x[m, b * 32 + i] ~ d[m, b] * q[m, b * 32 + i].
+// x quantized per block of 32: x[m, b * 32 + i] ~ d[m, b] * q[m, b * 32 + i] (q int8, or q16 int16).
 struct Activations {
   const float* f;   // [M, K] the float activations (the float path)
-  const int8_t* q;  // [M, K]
+  const int8_t* q;  // [M, K] (Dot::kInt8)
+  const int16_t* q16;  // [M, K] (Dot::kInt16)
   const float* d;   // [M, K/32]
   const float* s;   // [M, K/32] d * sum_i q: the block sum the min multiplies
   const float* s_by_block;  // [K/32, m_padded] the same, x rows adjacent (zeros past M): 4 rows load as one vector
@@ -82,11 +91,13 @@ struct Activations {
   // paired (x.q holds it).
   const int8_t* q_pairs;  // [M, K] or null
   const float* d_pairs;   // [M, K/32 * 4] or null
+  // int16 codes per pair of blocks as 16-bit lanes of a 32-byte load of their nibbles put them (PairBlocks16).
+  const int16_t* q16_pairs;  // [M, K] or null
   int64_t m, k, blocks, m_padded;
 };
 
-// One x row's codes and scales laid out per pair of blocks (Activations::q_pairs, d_pairs).
-inline void PairBlocks(const int8_t* q, const float* d, int64_t blocks, int8_t* q_pairs, float* d_pairs) {
+// One x row's int8 codes laid out per pair of blocks (Activations::q_pairs).
+inline void PairBlocks(const int8_t* q, int64_t blocks, int8_t* q_pairs) {
   for (int64_t b = 0; b + 2 <= blocks; b += 2) {
     int8_t* out = q_pairs + b * kBlock;  // 64 bytes per pair
     const int8_t* first = q + b * kBlock;
@@ -95,9 +106,31 @@ inline void PairBlocks(const int8_t* q, const float* d, int64_t blocks, int8_t* 
     std::memcpy(out + 16, second, 16);
     std::memcpy(out + 32, first + 16, 16);
     std::memcpy(out + 48, second + 16, 16);
+  }
+}
+
+// One x row's block scales per pair of blocks: [d_b x 4 | d_b+1 x 4], the lanes of a pair's int32 dot.
+inline void PairScales(const float* d, int64_t blocks, float* d_pairs) {
+  for (int64_t b = 0; b + 2 <= blocks; b += 2) {
     for (int i = 0; i < 4; ++i) {
       d_pairs[b * 4 + i] = d[b];
       d_pairs[b * 4 + 4 + i] = d[b + 1];
+    }
+  }
+}
+
+// One x row's int16 codes per pair of blocks (b, b + 1) in the order the 16-bit lanes of a 32-byte load of their
+// nibbles give them: lane j of half h holds byte 2j of block b + h, whose low and high nibbles are codes 2j and
+// 2j + 16, the next byte's 2j + 1 and 2j + 17; so 4 x [16] lanes: codes 2j, 2j + 16, 2j + 1, 2j + 17 (j < 8) of
+// blocks b then b + 1.
+inline void PairBlocks16(const int16_t* q, int64_t blocks, int16_t* q_pairs) {
+  constexpr int kOffsets[4] = {0, 16, 1, 17};
+  for (int64_t b = 0; b + 2 <= blocks; b += 2) {
+    int16_t* out = q_pairs + b * kBlock;  // 64 codes per pair
+    for (int part = 0; part < 4; ++part) {
+      for (int half = 0; half < 2; ++half) {
+        for (int j = 0; j < 8; ++j) out[part * 16 + half * 8 + j] = q[(b + half) * kBlock + 2 * j + kOffsets[part]];
+      }
     }
   }
 }
@@ -126,18 +159,21 @@ inline float RoundHalfEven(float v) {
   return (v + magic) - magic;
 }
 
-// One row of x [K] -> codes [K], scales and block sums [K/32]: d = max|x| / 127, q = round(x * (1 / d)).
-inline void QuantizeRow(const float* x, int64_t k, int8_t* q, float* d, float* s) {
+// One row of x [K] -> codes [K] (int8 or int16), scales and block sums [K/32]: d = max|x| / Q, q = round(x * (1 / d))
+// with Q = 127 or 32767.
+template <typename Code>
+inline void QuantizeRow(const float* x, int64_t k, Code* q, float* d, float* s) {
+  constexpr float kMax = std::numeric_limits<Code>::max();
   for (int64_t b = 0; b < k / kBlock; ++b) {
     const float* xb = x + b * kBlock;
     float amax = 0.0f;
     for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(xb[i]));
-    float scale = amax / 127.0f;
+    float scale = amax / kMax;
     float inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
     int32_t sum = 0;
     for (int i = 0; i < kBlock; ++i) {
-      float r = std::min(127.0f, std::max(-127.0f, RoundHalfEven(xb[i] * inverse)));
-      q[b * kBlock + i] = static_cast<int8_t>(r);
+      float r = std::min(kMax, std::max(-kMax, RoundHalfEven(xb[i] * inverse)));
+      q[b * kBlock + i] = static_cast<Code>(r);
       sum += static_cast<int32_t>(r);
     }
     d[b] = scale;
@@ -173,15 +209,23 @@ inline void BlockCodes(const Weights& w, int64_t n, int64_t b, int32_t* codes) {
   }
 }
 
-// y[m, n] for m in [0, M), n in [n_begin, n_end): integer block dots against the int8 activations.
+// y[m, n] for m in [0, M), n in [n_begin, n_end): integer block dots against the int8 (Code int8_t: x.q) or int16
+// (int16_t: x.q16) activations.
+template <typename Code>
 void RowsScalar(const Weights& w, const Activations& x, int64_t n_begin, int64_t n_end, float* y) {
   int32_t codes[kBlock];
+  const Code* x_codes;
+  if constexpr (sizeof(Code) == 1) {
+    x_codes = x.q;
+  } else {
+    x_codes = x.q16;
+  }
   for (int64_t n = n_begin; n < n_end; ++n) {
     for (int64_t m = 0; m < x.m; ++m) {
       float acc = 0.0f;
       for (int64_t b = 0; b < w.blocks; ++b) {
         BlockCodes(w, n, b, codes);
-        const int8_t* xq = x.q + m * x.k + b * kBlock;
+        const Code* xq = x_codes + m * x.k + b * kBlock;
         int32_t dot = 0;
         for (int i = 0; i < kBlock; ++i) dot += codes[i] * xq[i];
         float d = HalfToFloat(w.scales[ScaleIndex(w, n, b)]);
@@ -251,14 +295,16 @@ int64_t BestIsa() {
 }
 
 // y rows [n_begin, n_end) for every x row, on the path `isa` (one the CPU has).
-void RunRows(int64_t isa, bool float_activations, const Weights& w, const Activations& x, int64_t n_begin,
-             int64_t n_end, float* y) {
+void RunRows(int64_t isa, Dot dot, const Weights& w, const Activations& x, int64_t n_begin, int64_t n_end, float* y) {
 #if QMM_X86
-  if (isa == kAvx512) return avx512::Rows(w, x, float_activations, n_begin, n_end, y);
-  if (isa == kAvx2) return avx2::Rows(w, x, float_activations, n_begin, n_end, y);
+  if (isa == kAvx512) return avx512::Rows(w, x, dot, n_begin, n_end, y);
+  if (isa == kAvx2) return avx2::Rows(w, x, dot, n_begin, n_end, y);
 #endif
-  if (float_activations) return RowsScalarFloat(w, x, n_begin, n_end, y);
-  RowsScalar(w, x, n_begin, n_end, y);
+  switch (dot) {
+    case Dot::kFloat: return RowsScalarFloat(w, x, n_begin, n_end, y);
+    case Dot::kInt16: return RowsScalar<int16_t>(w, x, n_begin, n_end, y);
+    case Dot::kInt8: return RowsScalar<int8_t>(w, x, n_begin, n_end, y);
+  }
 }
 
 using jaxinfer_cpu::ParallelFor;
@@ -269,7 +315,8 @@ constexpr int64_t kLeastChunkBytes = 16384;
 // Rows per chunk: enough chunks to balance the threads; each worth at least ~16 KB of weights streamed per x row (a
 // couple of microseconds: a spinning helper joins in well under one, parallel_for.h); few enough rows that a chunk's
 // weights stay in cache while every x row passes over them (M > 1; the float path holds them dequantized).
-int64_t RowsPerChunk(const Weights& w, int64_t m, bool float_activations, int64_t threads) {
+int64_t RowsPerChunk(const Weights& w, int64_t m, Dot dot, int64_t threads) {
+  const bool float_activations = dot == Dot::kFloat;
   const int64_t stored_row = w.row_bytes + 2 * w.blocks * (w.mins ? 2 : 1);
   const int64_t cached_row = float_activations ? 4 * w.k : stored_row;
   const int64_t cache_bytes = m == 1 ? (int64_t{1} << 30) : float_activations ? 196608 : 65536;
@@ -280,30 +327,46 @@ int64_t RowsPerChunk(const Weights& w, int64_t m, bool float_activations, int64_
   return m == 1 ? rows : (rows + 3) / 4 * 4;  // whole tiles of rows
 }
 
-// One (x, W) pair of the batch: quantize x, then the row chunks in parallel.
-void Matmul(ffi::ThreadPool& pool, int64_t threads, int64_t isa, bool float_activations, const Weights& w,
+// One (x, W) pair of the batch: quantize x (8 or 16 bits; 32: as it is), then the row chunks in parallel.
+void Matmul(ffi::ThreadPool& pool, int64_t threads, int64_t isa, int64_t activation_bits, const Weights& w,
             const float* x_data, int64_t m, float* y) {
-  const int64_t m_padded = (m + 3) / 4 * 4, blocks = float_activations ? 0 : w.blocks;
-  std::vector<int8_t> codes(blocks * kBlock * m);
+  // int16 from 2 rows on: the float path on x rounded to its 16-bit grid (the integer dot's function).
+  const Dot dot = activation_bits == 8 ? Dot::kInt8 : activation_bits == 16 && m == 1 ? Dot::kInt16 : Dot::kFloat;
+  const bool round16 = activation_bits == 16 && dot == Dot::kFloat;
+  const int64_t m_padded = (m + 3) / 4 * 4, blocks = dot == Dot::kFloat && !round16 ? 0 : w.blocks;
+  std::vector<int8_t> codes(dot == Dot::kInt8 ? blocks * kBlock * m : 0);
+  std::vector<int16_t> codes16(dot == Dot::kInt8 ? 0 : blocks * kBlock * m);
   std::vector<float> scales(blocks * m), sums(blocks * m), sums_by_block(blocks * m_padded, 0.0f);
-  for (int64_t i = 0; i < m && !float_activations; ++i) {
-    QuantizeRow(x_data + i * w.k, w.k, codes.data() + i * w.k, scales.data() + i * w.blocks,
-                sums.data() + i * w.blocks);
-    for (int64_t b = 0; b < w.blocks; ++b) sums_by_block[b * m_padded + i] = sums[i * w.blocks + b];
+  std::vector<float> rounded(round16 ? m * w.k : 0);  // [M, K] d * q: x on its 16-bit grid
+  for (int64_t i = 0; i < m && blocks; ++i) {
+    float* d = scales.data() + i * w.blocks;
+    float* s = sums.data() + i * w.blocks;
+    if (dot == Dot::kInt8) {
+      QuantizeRow(x_data + i * w.k, w.k, codes.data() + i * w.k, d, s);
+    } else {
+      QuantizeRow(x_data + i * w.k, w.k, codes16.data() + i * w.k, d, s);
+    }
+    for (int64_t b = 0; b < w.blocks; ++b) sums_by_block[b * m_padded + i] = s[b];
+    for (int64_t j = 0; j < w.k && round16; ++j) rounded[i * w.k + j] = d[j / kBlock] * codes16[i * w.k + j];
   }
-  const bool pairs = !float_activations && w.layout != Layout::kQ8_0;
-  std::vector<int8_t> q_pairs(pairs ? m * w.k : 0);
+  const bool pairs = dot != Dot::kFloat && w.layout != Layout::kQ8_0;
+  std::vector<int8_t> q_pairs(pairs && dot == Dot::kInt8 ? m * w.k : 0);
+  std::vector<int16_t> q16_pairs(pairs && dot == Dot::kInt16 ? m * w.k : 0);
   std::vector<float> d_pairs(pairs ? m * w.blocks * 4 : 0);
   for (int64_t i = 0; i < m && pairs; ++i) {
-    PairBlocks(codes.data() + i * w.k, scales.data() + i * w.blocks, w.blocks, q_pairs.data() + i * w.k,
-               d_pairs.data() + i * w.blocks * 4);
+    PairScales(scales.data() + i * w.blocks, w.blocks, d_pairs.data() + i * w.blocks * 4);
+    if (dot == Dot::kInt8) {
+      PairBlocks(codes.data() + i * w.k, w.blocks, q_pairs.data() + i * w.k);
+    } else {
+      PairBlocks16(codes16.data() + i * w.k, w.blocks, q16_pairs.data() + i * w.k);
+    }
   }
-  Activations x{x_data,         codes.data(), scales.data(), sums.data(), sums_by_block.data(),
-                q_pairs.data(), d_pairs.data(), m, w.k, w.blocks, m_padded};
-  int64_t rows = RowsPerChunk(w, m, float_activations, threads);
+  Activations x{round16 ? rounded.data() : x_data, codes.data(), codes16.data(), scales.data(), sums.data(),
+                sums_by_block.data(), q_pairs.data(), d_pairs.data(), q16_pairs.data(), m, w.k, w.blocks, m_padded};
+  int64_t rows = RowsPerChunk(w, m, dot, threads);
   int64_t num_chunks = (w.n + rows - 1) / rows;
   ParallelFor(pool, threads, num_chunks, [&, rows](int64_t i) {
-    RunRows(isa, float_activations, w, x, i * rows, std::min(w.n, (i + 1) * rows), y);
+    RunRows(isa, dot, w, x, i * rows, std::min(w.n, (i + 1) * rows), y);
   });
 }
 
@@ -348,7 +411,7 @@ bool PartFits(ffi::Span<const int64_t> dims, size_t rank, int64_t layers, int64_
 // and the layer's have none.
 ffi::Error QMatmul(ffi::ThreadPool pool, Layout layout, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer,
                    ffi::AnyBuffer values, ffi::Buffer<ffi::F16> scales, const ffi::Buffer<ffi::F16>* mins,
-                   ffi::ResultBuffer<ffi::F32> y, int64_t threads, int64_t isa, int64_t float_activations) {
+                   ffi::ResultBuffer<ffi::F32> y, int64_t threads, int64_t isa, int64_t activation_bits) {
   auto out_dims = y->dimensions();
   const size_t rank = out_dims.size();
   if (rank < 2 || x.dimensions().size() != rank || layer.dimensions().size() != rank - 2 ||
@@ -372,6 +435,10 @@ ffi::Error QMatmul(ffi::ThreadPool pool, Layout layout, ffi::Buffer<ffi::F32> x,
   if (isa < kScalar || isa > best) {
     return ffi::Error::InvalidArgument("qmatmul: isa " + std::to_string(isa) + " is not one this CPU has (best " +
                                        std::to_string(best) + ")");
+  }
+  if (activation_bits != 8 && activation_bits != 16 && activation_bits != 32) {
+    return ffi::Error::InvalidArgument("qmatmul: activation_bits " + std::to_string(activation_bits) +
+                                       " must be 8, 16 or 32");
   }
   threads = UsableThreads(pool, threads);
 
@@ -413,9 +480,9 @@ ffi::Error QMatmul(ffi::ThreadPool pool, Layout layout, ffi::Buffer<ffi::F32> x,
                                          std::to_string(layers));
     }
     if (one_weight) {  // x's batch folds into M
-      Matmul(pool, threads, isa, float_activations != 0, *w, x_data, batch_size * m, y_data);
+      Matmul(pool, threads, isa, activation_bits, *w, x_data, batch_size * m, y_data);
     } else {
-      Matmul(pool, threads, isa, float_activations != 0, *w, x_data + x_op.Offset(batch, i) * m * k, m,
+      Matmul(pool, threads, isa, activation_bits, *w, x_data + x_op.Offset(batch, i) * m * k, m,
              y_data + i * m * n);
     }
   }
@@ -424,25 +491,25 @@ ffi::Error QMatmul(ffi::ThreadPool pool, Layout layout, ffi::Buffer<ffi::F32> x,
 
 ffi::Error QMatmulQ8_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer,
                        ffi::AnyBuffer values, ffi::Buffer<ffi::F16> scales, ffi::ResultBuffer<ffi::F32> y,
-                       int64_t threads, int64_t isa, int64_t float_activations) {
+                       int64_t threads, int64_t isa, int64_t activation_bits) {
   if (values.element_type() != ffi::DataType::S8) return ffi::Error::InvalidArgument("q8_0: values must be int8");
-  return QMatmul(pool, Layout::kQ8_0, x, layer, values, scales, nullptr, y, threads, isa, float_activations);
+  return QMatmul(pool, Layout::kQ8_0, x, layer, values, scales, nullptr, y, threads, isa, activation_bits);
 }
 
 ffi::Error QMatmulQ4_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer,
                        ffi::AnyBuffer values, ffi::Buffer<ffi::F16> scales, ffi::ResultBuffer<ffi::F32> y,
-                       int64_t threads, int64_t isa, int64_t float_activations) {
+                       int64_t threads, int64_t isa, int64_t activation_bits) {
   if (values.element_type() != ffi::DataType::U8) return ffi::Error::InvalidArgument("q4_0: values must be uint8");
-  return QMatmul(pool, Layout::kQ4_0, x, layer, values, scales, nullptr, y, threads, isa, float_activations);
+  return QMatmul(pool, Layout::kQ4_0, x, layer, values, scales, nullptr, y, threads, isa, activation_bits);
 }
 
 ffi::Error QMatmulQ4_1(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer,
                        ffi::AnyBuffer values, ffi::Buffer<ffi::F16> scales, ffi::Buffer<ffi::F16> mins,
-                       ffi::ResultBuffer<ffi::F32> y, int64_t threads, int64_t isa, int64_t float_activations) {
+                       ffi::ResultBuffer<ffi::F32> y, int64_t threads, int64_t isa, int64_t activation_bits) {
   if (values.element_type() != ffi::DataType::U8) {
     return ffi::Error::InvalidArgument("int4_g32_min: values must be uint8");
   }
-  return QMatmul(pool, Layout::kQ4_1, x, layer, values, scales, &mins, y, threads, isa, float_activations);
+  return QMatmul(pool, Layout::kQ4_1, x, layer, values, scales, &mins, y, threads, isa, activation_bits);
 }
 
 }  // namespace qmm
@@ -460,7 +527,7 @@ extern "C" int64_t jaxinfer_cpu_kernels_best_isa() { return qmm::BestIsa(); }
 #define QMM_ATTRS                        \
   .Attr<int64_t>("threads")              \
       .Attr<int64_t>("isa")              \
-      .Attr<int64_t>("float_activations")
+      .Attr<int64_t>("activation_bits")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_qmatmul_q8_0, qmm::QMatmulQ8_0,
                               QMM_BIND_COMMON.Ret<ffi::Buffer<ffi::F32>>() QMM_ATTRS);

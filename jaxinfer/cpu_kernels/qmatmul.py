@@ -10,8 +10,10 @@ The weight arrives as plain arrays, a layout name and its parts, as jaxinfer.qua
 
 Nibbles in ggml's order: in each block's 16 bytes, byte j holds code j (low nibble) and code j + 16 (high nibble).
 By default x is quantized per block of 32 to int8 with a float32 scale (llama.cpp's Q8_0 / Q8_1) and the blocks are
-integer dots; activations="float32" keeps x in float (a panel of W dequantized in cache, then float dots): exact, and
-as fast from ~32-64 rows of x on ("auto" picks by rows). Stacked layers: pass the whole [L, N, n] stack and
+integer dots; activations="int16" rounds x to a 256 times finer grid (max|x| / 32767 per block): integer dots at
+M = 1, and from 2 rows on the float path on x so rounded (the same function); activations="float32" keeps x in float
+(a panel of W dequantized in cache, then float dots): exact, and as fast as int8 from ~32-64 rows of x on ("auto"
+picks int8 or float32 by rows). Stacked layers: pass the whole [L, N, n] stack and
 `layer=i` (a sliced operand of a custom call is copied under lax.scan).
 
     JAXINFER_CPU_KERNELS_ISA=scalar|avx2|avx512   the highest instruction set the kernel may use (default: the best
@@ -38,7 +40,8 @@ LAYOUTS: dict[str, tuple[tuple[str, np.dtype, int], ...]] = {
 }
 ISAS = ("scalar", "avx2", "avx512")  # qmatmul.cc's Isa values 1, 2, 3
 ISA_ENV = build.ISA_ENV
-ACTIVATIONS = ("int8", "float32", "auto")
+ACTIVATIONS = ("int8", "int16", "float32", "auto")
+ACTIVATION_BITS = {"int8": 8, "int16": 16, "float32": 32}  # the kernel's activation_bits attribute
 # activations="auto": from this many rows of x on, float activations (a dequantized panel of W through an sgemm tile)
 # run as fast as int8 block dots on AVX2 (measured in thread CPU time, weights in cache, 2026-12-03), and are exact.
 # q8_0's dot costs more per block (abs and sign, no two blocks per load as the nibbles have).
@@ -93,8 +96,9 @@ def qmatmul(x: jax.Array, layout: str, parts: dict[str, jax.Array], *, layer: ja
     layer: None, each part [N, n]; or an int32 scalar (traced or not) picking W from parts stacked [L, N, n]. Under
     lax.scan pass the whole stack and the layer index rather than the scanned slice: a slice passed to a custom call
     is copied first (measured: 3x the time of a 49152 x 576 q4_0 matvec).
-    activations: "int8" (x quantized per block of 32, integer block dots), "float32" (float dots), or "auto" (int8
-    below FLOAT_ACTIVATIONS_FROM_M[layout] rows of x, float32 from there).
+    activations: "int8" (x quantized per block of 32, integer block dots), "int16" (x rounded to 16 bits per block of
+    32: KLD ~1e-7 against float), "float32" (float dots), or "auto" (int8 below FLOAT_ACTIVATIONS_FROM_M[layout] rows
+    of x, float32 from there).
     threads: at most this many threads of XLA's intra-op pool (None: all, at most one per core). isa: the highest
     instruction set to use (None: $JAXINFER_CPU_KERNELS_ISA, else the CPU's best). Works under jit, lax.scan, vmap
     (vmap_method="expand_dims": batched weights loop in the kernel) and shard_map (local shards)."""
@@ -123,7 +127,7 @@ def qmatmul(x: jax.Array, layout: str, parts: dict[str, jax.Array], *, layer: ja
     build.library()  # built and registered before the call is lowered
     y = call(x2, layer.astype(jnp.int32), *(parts[name] for name, _, _ in LAYOUTS[layout]),
              threads=np.int64(threads or 0), isa=np.int64(_isa_code(isa)),
-             float_activations=np.int64(activations == "float32"))
+             activation_bits=np.int64(ACTIVATION_BITS[activations]))
     return y.reshape(*batch, n)  # [M, N] -> [..., N]
 
 
@@ -153,24 +157,25 @@ def dequantize_reference(layout: str, parts: dict[str, jax.Array]) -> jax.Array:
     return w.reshape(codes.shape)
 
 
-def quantize_activations_reference(x: jax.Array) -> jax.Array:
-    """x [..., K] -> float32 [..., K] as the kernel sees it: per block of 32, d = max|x| / 127, q = round(x * (1 / d))
-    (ties to even), x ~ d * q."""
+def quantize_activations_reference(x: jax.Array, bits: int = 8) -> jax.Array:
+    """x [..., K] -> float32 [..., K] as the kernel sees it: per block of 32, d = max|x| / Q, q = round(x * (1 / d))
+    (ties to even), x ~ d * q, Q = 127 (bits 8) or 32767 (bits 16)."""
+    top = {8: 127.0, 16: 32767.0}[bits]
     blocks = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, BLOCK)  # [..., K/32, 32]
-    d = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True) / 127.0
+    d = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True) / top
     inverse = jnp.where(d > 0, 1.0 / jnp.where(d > 0, d, 1.0), 0.0)
-    q = jnp.clip(jnp.round(blocks * inverse), -127, 127)
+    q = jnp.clip(jnp.round(blocks * inverse), -top, top)
     return (d * q).reshape(x.shape)
 
 
 def qmatmul_reference(x: jax.Array, layout: str, parts: dict[str, jax.Array], *,
                       activations: str = "float32") -> jax.Array:
-    """x [..., K] @ dequantize(W).T in float32 -> [..., N]. activations="int8": x first rounded as the kernel rounds
-    it (the kernel's own arithmetic up to the order of float sums); "float32": the exact product."""
-    if activations not in ("int8", "float32"):
-        raise ValueError(f"activations={activations!r} must be one of {ACTIVATIONS}")
+    """x [..., K] @ dequantize(W).T in float32 -> [..., N]. activations="int8" / "int16": x first rounded as the
+    kernel rounds it (the kernel's own arithmetic up to the order of float sums); "float32": the exact product."""
+    if activations not in ACTIVATION_BITS:
+        raise ValueError(f"activations={activations!r} must be one of {tuple(ACTIVATION_BITS)}")
     x = x.astype(jnp.float32)
-    if activations == "int8":
-        x = quantize_activations_reference(x)
+    if activations != "float32":
+        x = quantize_activations_reference(x, ACTIVATION_BITS[activations])
     w = dequantize_reference(layout, parts)  # [N, K]
     return jnp.einsum("...k,nk->...n", x, w, precision=jax.lax.Precision.HIGHEST)
