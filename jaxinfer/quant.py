@@ -323,17 +323,25 @@ def check_quantized_matmul(matmul) -> str | None:
     return matmul
 
 
-def kernel_activations(w, matmul: str | None) -> str | None:
+# From this many rows of activations on (a prefill chunk, a scored window), XLA's dequantize-and-dot contracts a
+# quantized weight instead of the CPU kernel: an f32 sgemm over the layer's weights dequantized as the layer runs
+# outran the kernel's float tiles there (measured 2026-12-03, 2 cores, Q4_1 / Q8_0 / Q4_0, 576x1536 and 1536x576:
+# at 32 rows 0.8-1.6x, at 128-512 rows XLA 1.0-1.7x faster; at 2-8 rows the kernel 1.4-2.5x faster).
+KERNEL_MAX_ROWS = 63
+
+
+def kernel_activations(w, matmul: str | None, rows: int | None = None) -> str | None:
     """How the CPU kernel takes this contraction's activations ("int16" / "float32" / "int8"), or None for XLA's path.
     None (the default) picks "kernel" (int16 activations) on the CPU where the kernels built and hold w's
     layout; an explicit "kernel..." on a layout the kernel lacks also falls back to XLA (the same
-    function), but off the CPU, or where the kernels did not build, it is a ValueError."""
+    function), but off the CPU, or where the kernels did not build, it is a ValueError. rows: how many rows of
+    activations meet w (static); more than KERNEL_MAX_ROWS go to XLA's path, except under "kernel-int8"."""
     if not is_quant(w) or matmul == "xla":
         return None
     on_cpu = jax.default_backend() == "cpu"
     if matmul is None:
         usable = on_cpu and w.layout in cpu_qmatmul.LAYOUTS and cpu_kernels.available()
-        return KERNEL_ACTIVATIONS["kernel"] if usable else None
+        return KERNEL_ACTIVATIONS["kernel"] if usable and (rows is None or rows <= KERNEL_MAX_ROWS) else None
     if not on_cpu:
         raise ValueError(f"quantized_matmul={matmul!r} runs on the CPU only (the backend is {jax.default_backend()})")
     if not cpu_kernels.available():
@@ -341,6 +349,8 @@ def kernel_activations(w, matmul: str | None) -> str | None:
                          f"{cpu_kernels.unavailable_reason()}")
     if w.layout not in cpu_qmatmul.LAYOUTS:
         return None
+    if matmul != "kernel-int8" and rows is not None and rows > KERNEL_MAX_ROWS:
+        return None  # kernel-int8 keeps its rounding at every size (llama.cpp's arithmetic, whatever the batch)
     return KERNEL_ACTIVATIONS[matmul]
 
 
@@ -367,7 +377,7 @@ def einsum(spec: str, x: jax.Array, w, *, matmul: str | None = None, **kwargs) -
     if expected != contracted or len(contracted) != 1 + len(w.contract_inner):
         raise ValueError(f"einsum {spec!r}: {w.layout} weight {w.shape} contracts {expected!r}, not {contracted!r}")
     x, lhs = _merge(x, lhs, contracted)
-    activations = kernel_activations(w, matmul)
+    activations = kernel_activations(w, matmul, _rows(x, lhs, contracted[0]))
     if activations is not None:
         dtype = kwargs.get("preferred_element_type") or jnp.result_type(x.dtype, w.dtype)
         return _kernel_einsum(lhs, rhs.replace(contracted, ""), contracted[0], out, x, w, activations, dtype)
@@ -403,7 +413,8 @@ def einsum_by_rows(spec: str, x: jax.Array, w, *, matmul: str | None = None, **k
     """einsum(spec, x, w) for a weight with one out dim (the lm_head / tied embedding, [V, D] stored): a QuantArray
     of more than MAX_DEQUANTIZED_ELEMENTS is contracted a chunk of out rows at a time in a loop, so one chunk is
     dequantized at once, not the whole (Llama 3's 128256 x 4096 head: 2.1 GB of float32 a step). Float: einsum."""
-    if not is_quant(w) or w.out_ndim != 1 or w.lead_ndim or kernel_activations(w, matmul) is not None:
+    rows = x.size // x.shape[-1] if is_quant(w) else None  # x [..., D]: the head contracts x's last dim
+    if not is_quant(w) or w.out_ndim != 1 or w.lead_ndim or kernel_activations(w, matmul, rows) is not None:
         return einsum(spec, x, w, matmul=matmul, **kwargs)  # the kernel dequantizes nothing
     rows, contraction = w.out_shape[0], w.contraction
     chunks = next((n for n in range(1, rows + 1) if rows % n == 0 and rows // n * contraction <= MAX_DEQUANTIZED_ELEMENTS),
@@ -418,6 +429,12 @@ def einsum_by_rows(spec: str, x: jax.Array, w, *, matmul: str | None = None, **k
     parts = jax.lax.map(lambda c: einsum(spec, x, dataclasses.replace(w, parts=c), matmul="xla", **kwargs),
                         stacked.parts)
     return jnp.moveaxis(parts, 0, -2).reshape(*parts.shape[1:-1], rows)  # [chunks, ..., V / chunks] -> [..., V]
+
+
+def _rows(x: jax.Array, subscripts: str, letter: str) -> int:
+    """How many rows of activations x holds: its size over its contracted dim `letter`'s."""
+    at = x.ndim + subscripts.index(letter) - len(subscripts)  # from the end: subscripts may start with "..."
+    return x.size // max(1, x.shape[at])
 
 
 def _merge(x: jax.Array, subscripts: str, letters: str) -> tuple[jax.Array, str]:
@@ -445,7 +462,8 @@ def after(tree, x: jax.Array, matmul: str | None = None):
     A weight the CPU kernel contracts (kernel_activations under `matmul`) is never dequantized: left as it is (the
     tie would copy its scales every step)."""
     leaves, treedef = jax.tree.flatten(tree, is_leaf=is_quant)
-    tied = [is_quant(leaf) and kernel_activations(leaf, matmul) is None for leaf in leaves]
+    rows = x.size // x.shape[-1]  # the layer's input [..., D]: every projection of the layer meets as many rows
+    tied = [is_quant(leaf) and kernel_activations(leaf, matmul, rows) is None for leaf in leaves]
     if not any(tied):
         return tree
     sign = jax.lax.bitcast_convert_type(x.reshape(-1)[0].astype(jnp.float32), jnp.uint32) >> 31  # [] 0 or 1

@@ -28,10 +28,9 @@ def _logits_program(model: jaxinfer.Model, matmul) -> str:
     return jax.jit(lambda p, h: model_lib.logits(p, model.cfg, h, matmul)).lower(model.params, hidden).as_text()
 
 
-def _forward_program(model: jaxinfer.Model, matmul) -> str:
-    cache = kv_cache.init_cache(model.cfg, max_seqs=1, pages_per_seq=2, num_pages=3, page_size=16)
-    tokens = jnp.zeros((1, 4), jnp.int32)
-    positions = jnp.arange(4, dtype=jnp.int32)[None]
+def _forward_program(model: jaxinfer.Model, matmul, tokens: int = 4) -> str:
+    cache = kv_cache.init_cache(model.cfg, max_seqs=1, pages_per_seq=8, num_pages=9, page_size=16)
+    tokens, positions = jnp.zeros((1, tokens), jnp.int32), jnp.arange(tokens, dtype=jnp.int32)[None]
 
     def run(params, cache):
         return model_lib.forward(params, model.cfg, tokens, positions, cache, jnp.zeros((1,), jnp.int32),
@@ -49,6 +48,23 @@ def test_the_default_on_the_cpu_is_the_kernel(quantize):
         assert text.count(f"{KERNEL_CALL}_{quant.MODES[quantize]}") >= 7, matmul
         assert KERNEL_CALL in _logits_program(model, matmul)
     assert KERNEL_CALL not in _forward_program(model, "xla")
+
+
+def test_many_rows_go_to_xla():
+    """A prefill chunk of more than quant.KERNEL_MAX_ROWS tokens: XLA's dequantize-and-dot, its weights tied to the
+    layer's input (quant.after) so that they are dequantized as the layer runs; at the limit, the kernel."""
+    model = jaxinfer.random_model(CFG, quantize="int4")
+    for matmul in (None, "kernel", "kernel-float"):
+        assert KERNEL_CALL in _forward_program(model, matmul, tokens=quant.KERNEL_MAX_ROWS), matmul
+        assert KERNEL_CALL not in _forward_program(model, matmul, tokens=quant.KERNEL_MAX_ROWS + 1), matmul
+    # int8 activations round x as llama.cpp does at every size: the same arithmetic whatever the batch
+    assert KERNEL_CALL in _forward_program(model, "kernel-int8", tokens=quant.KERNEL_MAX_ROWS + 1)
+    w = jax.tree.leaves(model.params, is_leaf=quant.is_quant)
+    w = next(leaf for leaf in w if quant.is_quant(leaf) and leaf.lead_ndim == 0)
+    x_many = jnp.ones((1, quant.KERNEL_MAX_ROWS + 1, CFG.d_model))
+    tied = quant.after({"w": w}, x_many)["w"]
+    assert tied.parts["scales"] is not w.parts["scales"]  # tied: the XLA path's dequantization waits for x
+    assert quant.after({"w": w}, x_many[:, :4])["w"] is w  # the kernel reads it as stored
 
 
 def test_a_layout_without_a_kernel_stays_on_xla():

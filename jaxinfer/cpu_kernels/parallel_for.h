@@ -35,11 +35,14 @@
 
 namespace jaxinfer_cpu {
 
-// The CPUs this process may run on (its affinity mask: a process pinned to 2 of 16 CPUs gets 2).
+// The CPUs this process may run on (its affinity mask when first asked: a process pinned to 2 of 16 CPUs gets 2).
 inline int64_t UsableCores() {
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
-  return std::max<int64_t>(1, std::thread::hardware_concurrency());
+  static const int64_t cores = [] {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) return static_cast<int64_t>(std::max(1, CPU_COUNT(&set)));
+    return std::max<int64_t>(1, std::thread::hardware_concurrency());
+  }();
+  return cores;
 }
 
 // Threads a handler may use: `requested` (0: the pool's), never more than the cores this process may use (XLA's

@@ -280,7 +280,7 @@ void RowsScalarFloat(const Weights& w, const Activations& x, int64_t n_begin, in
 
 namespace qmm {
 
-int64_t BestIsa() {
+int64_t DetectIsa() {
 #if QMM_X86
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -292,6 +292,12 @@ int64_t BestIsa() {
   }
 #endif
   return kScalar;
+}
+
+// The best instruction set of this CPU, asked once.
+int64_t BestIsa() {
+  static const int64_t best = DetectIsa();
+  return best;
 }
 
 // y rows [n_begin, n_end) for every x row, on the path `isa` (one the CPU has).
@@ -327,6 +333,22 @@ int64_t RowsPerChunk(const Weights& w, int64_t m, Dot dot, int64_t threads) {
   return m == 1 ? rows : (rows + 3) / 4 * 4;  // whole tiles of rows
 }
 
+// One x row's codes, scales and block sums (QuantizeRow), with the SIMD version where `isa` has one (the same bits).
+template <typename Code>
+void QuantizeX(int64_t isa, const float* x, int64_t k, Code* q, float* d, float* s) {
+#if QMM_X86
+  if (isa >= kAvx2) return avx2::QuantizeRowSimd(x, k, q, d, s);
+#endif
+  QuantizeRow(x, k, q, d, s);
+}
+
+void PairX16(int64_t isa, const int16_t* q, int64_t blocks, int16_t* q_pairs) {
+#if QMM_X86
+  if (isa >= kAvx2) return avx2::PairBlocks16Simd(q, blocks, q_pairs);
+#endif
+  PairBlocks16(q, blocks, q_pairs);
+}
+
 // One (x, W) pair of the batch: quantize x (8 or 16 bits; 32: as it is), then the row chunks in parallel.
 void Matmul(ffi::ThreadPool& pool, int64_t threads, int64_t isa, int64_t activation_bits, const Weights& w,
             const float* x_data, int64_t m, float* y) {
@@ -334,31 +356,37 @@ void Matmul(ffi::ThreadPool& pool, int64_t threads, int64_t isa, int64_t activat
   const Dot dot = activation_bits == 8 ? Dot::kInt8 : activation_bits == 16 && m == 1 ? Dot::kInt16 : Dot::kFloat;
   const bool round16 = activation_bits == 16 && dot == Dot::kFloat;
   const int64_t m_padded = (m + 3) / 4 * 4, blocks = dot == Dot::kFloat && !round16 ? 0 : w.blocks;
-  std::vector<int8_t> codes(dot == Dot::kInt8 ? blocks * kBlock * m : 0);
-  std::vector<int16_t> codes16(dot == Dot::kInt8 ? 0 : blocks * kBlock * m);
-  std::vector<float> scales(blocks * m), sums(blocks * m), sums_by_block(blocks * m_padded, 0.0f);
-  std::vector<float> rounded(round16 ? m * w.k : 0);  // [M, K] d * q: x on its 16-bit grid
+  // This thread's buffers, reused from call to call (decode makes hundreds of small calls a token).
+  thread_local std::vector<int8_t> codes, q_pairs;
+  thread_local std::vector<int16_t> codes16, q16_pairs;
+  thread_local std::vector<float> scales, sums, sums_by_block, rounded, d_pairs;
+  codes.resize(dot == Dot::kInt8 ? blocks * kBlock * m : 0);
+  codes16.resize(dot == Dot::kInt8 ? 0 : blocks * kBlock * m);
+  scales.resize(blocks * m);
+  sums.resize(blocks * m);
+  sums_by_block.assign(blocks * m_padded, 0.0f);
+  rounded.resize(round16 ? m * w.k : 0);  // [M, K] d * q: x on its 16-bit grid
   for (int64_t i = 0; i < m && blocks; ++i) {
     float* d = scales.data() + i * w.blocks;
     float* s = sums.data() + i * w.blocks;
     if (dot == Dot::kInt8) {
-      QuantizeRow(x_data + i * w.k, w.k, codes.data() + i * w.k, d, s);
+      QuantizeX(isa, x_data + i * w.k, w.k, codes.data() + i * w.k, d, s);
     } else {
-      QuantizeRow(x_data + i * w.k, w.k, codes16.data() + i * w.k, d, s);
+      QuantizeX(isa, x_data + i * w.k, w.k, codes16.data() + i * w.k, d, s);
     }
     for (int64_t b = 0; b < w.blocks; ++b) sums_by_block[b * m_padded + i] = s[b];
     for (int64_t j = 0; j < w.k && round16; ++j) rounded[i * w.k + j] = d[j / kBlock] * codes16[i * w.k + j];
   }
   const bool pairs = dot != Dot::kFloat && w.layout != Layout::kQ8_0;
-  std::vector<int8_t> q_pairs(pairs && dot == Dot::kInt8 ? m * w.k : 0);
-  std::vector<int16_t> q16_pairs(pairs && dot == Dot::kInt16 ? m * w.k : 0);
-  std::vector<float> d_pairs(pairs ? m * w.blocks * 4 : 0);
+  q_pairs.resize(pairs && dot == Dot::kInt8 ? m * w.k : 0);
+  q16_pairs.resize(pairs && dot == Dot::kInt16 ? m * w.k : 0);
+  d_pairs.resize(pairs ? m * w.blocks * 4 : 0);
   for (int64_t i = 0; i < m && pairs; ++i) {
     PairScales(scales.data() + i * w.blocks, w.blocks, d_pairs.data() + i * w.blocks * 4);
     if (dot == Dot::kInt8) {
       PairBlocks(codes.data() + i * w.k, w.blocks, q_pairs.data() + i * w.k);
     } else {
-      PairBlocks16(codes16.data() + i * w.k, w.blocks, q16_pairs.data() + i * w.k);
+      PairX16(isa, codes16.data() + i * w.k, w.blocks, q16_pairs.data() + i * w.k);
     }
   }
   Activations x{round16 ? rounded.data() : x_data, codes.data(), codes16.data(), scales.data(), sums.data(),
