@@ -278,8 +278,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 def mlp(layer: Layer, x: jax.Array, matmul: str | None = None) -> jax.Array:
     """SwiGLU: x [B, T, D] -> [B, T, D]. matmul: Runtime.quantized_matmul."""
-    gate = quant.einsum("BTD,DF->BTF", x, layer.w_gate, matmul=matmul)
-    up = quant.einsum("BTD,DF->BTF", x, layer.w_up, matmul=matmul)
+    gate, up = quant.einsums(["BTD,DF->BTF", "BTD,DF->BTF"], x, [layer.w_gate, layer.w_up], matmul=matmul)
     return quant.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, layer.w_down, matmul=matmul)
 
 
@@ -344,9 +343,8 @@ def attention_block(layer, cfg, x, inv_freq, pool, groups, write_to, index, back
     """x [1, N, D] (every group's tokens) -> ([1, N, D], pool): project, rotate, write layer `index` of the stacked
     cache pool (kv_cache.Pool: pages [L, K, P, page_size, H], and scales when quantized) at write_to (page, slot)
     [1, N], attend group by group, project out."""
-    q = quant.einsum("BTD,DNH->BTNH", x, layer.wq, matmul=matmul)
-    k = quant.einsum("BTD,DKH->BTKH", x, layer.wk, matmul=matmul)
-    v = quant.einsum("BTD,DKH->BTKH", x, layer.wv, matmul=matmul)
+    q, k, v = quant.einsums(["BTD,DNH->BTNH", "BTD,DKH->BTKH", "BTD,DKH->BTKH"], x, [layer.wq, layer.wk, layer.wv],
+                            matmul=matmul)  # one kernel call on the CPU: x quantized once
     if cfg.qkv_bias:
         q, k, v = q + layer.bq, k + layer.bk, v + layer.bv
     positions = _join_tokens([g.positions for g in groups])  # [1, N]

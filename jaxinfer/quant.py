@@ -396,14 +396,71 @@ def einsum(spec: str, x: jax.Array, w, *, matmul: str | None = None, **kwargs) -
 def _kernel_einsum(lhs: str, w_out: str, c: str, out: str, x: jax.Array, w: QuantArray, activations: str, dtype):
     """x (subscripts lhs, contracting the one letter c) against w stored [*w_out, C], through the CPU kernel:
     x's c moved last, w's out dims flattened to the kernel's N, the result's letters put in out's order."""
+    x, x_rest = _contracted_last(lhs, c, x)
+    y = cpu_qmatmul.qmatmul(x, w.layout, _kernel_parts(w), activations=activations)  # [..., N] float32
+    return _kernel_result(y, w, x_rest, w_out, out, dtype)
+
+
+def _contracted_last(lhs: str, c: str, x: jax.Array) -> tuple[jax.Array, str]:
+    """x with its contracted letter c moved last, and its other letters in order."""
     x_rest = lhs.replace(c, "")
-    if not lhs.endswith(c):
-        x = jnp.einsum(f"{lhs}->{x_rest}{c}", x)
+    return (x if lhs.endswith(c) else jnp.einsum(f"{lhs}->{x_rest}{c}", x)), x_rest
+
+
+def _kernel_parts(w: QuantArray) -> dict[str, jax.Array]:
+    """w's parts [*out, n] -> [N, n], the kernel's rows."""
     rows = math.prod(w.out_shape)
-    parts = {name: p.reshape(rows, p.shape[-1]) for name, p in w.parts.items()}  # [*out, n] -> [N, n]
-    y = cpu_qmatmul.qmatmul(x, w.layout, parts, activations=activations)  # [..., N] float32
+    return {name: p.reshape(rows, p.shape[-1]) for name, p in w.parts.items()}
+
+
+def _kernel_result(y: jax.Array, w: QuantArray, x_rest: str, w_out: str, out: str, dtype) -> jax.Array:
+    """The kernel's y [..., N] -> w's out dims unflattened, in out's letter order, as dtype."""
     y = y.reshape(*y.shape[:-1], *w.out_shape).astype(dtype)
     return y if f"{x_rest}{w_out}" == out else jnp.einsum(f"{x_rest}{w_out}->{out}", y)
+
+
+def einsums(specs: list[str], x: jax.Array, ws: list, *, matmul: str | None = None, **kwargs) -> list[jax.Array]:
+    """[einsum(spec, x, w, matmul=matmul) for spec, w in zip(specs, ws)] (a layer's q, k, v; its gate and up). Where
+    the CPU kernel contracts every w the same way (one layout, x's same contracted letter, the same activations):
+    one kernel call for all of them (x quantized once, one hand-off to the threads; decode makes hundreds of calls a
+    token). Otherwise one einsum each."""
+    fused = _fused_kernel_call(specs, x, ws, matmul)
+    if fused is None:
+        return [einsum(spec, x, w, matmul=matmul, **kwargs) for spec, w in zip(specs, ws)]
+    lhs, c, activations, outs = fused
+    x, x_lhs = _merge(x, lhs, c)
+    x, x_rest = _contracted_last(x_lhs, c[0], x)
+    ys = cpu_qmatmul.qmatmul_many(x, ws[0].layout, [_kernel_parts(w) for w in ws], activations=activations)
+    results = []
+    for y, w, (w_out, out) in zip(ys, ws, outs):
+        dtype = kwargs.get("preferred_element_type") or jnp.result_type(x.dtype, w.dtype)
+        results.append(_kernel_result(y, w, x_rest, w_out, out, dtype))
+    return results
+
+
+def _fused_kernel_call(specs, x, ws, matmul):
+    """(lhs, contracted letters, activations, [(w's out letters, out)] per weight) where one kernel call can
+    contract x with every w (see einsums); else None."""
+    if len(ws) < 2 or not all(is_quant(w) and not w.lead_ndim for w in ws):
+        return None
+    parsed = []
+    for spec, w in zip(specs, ws):
+        lhs, rest = spec.split(",")
+        rhs, out = rest.split("->")
+        contracted = "".join(ch for ch in rhs if ch in lhs and ch not in out)
+        expected = rhs[: len(contracted)] if w.contract_first else rhs[len(rhs) - len(contracted) :]
+        if expected != contracted or len(contracted) != 1 + len(w.contract_inner):
+            return None  # einsum names the mismatch
+        parsed.append((lhs, contracted, rhs.replace(contracted, ""), out))
+    lhs, contracted = parsed[0][:2]
+    if any((p[0], p[1]) != (lhs, contracted) for p in parsed) or len({(w.layout, w.contraction) for w in ws}) != 1:
+        return None
+    merged, merged_lhs = _merge(x, lhs, contracted)
+    rows = _rows(merged, merged_lhs, contracted[0])
+    activations = {kernel_activations(w, matmul, rows) for w in ws}
+    if len(activations) != 1 or None in activations:
+        return None
+    return lhs, contracted, activations.pop(), [(w_out, out) for _, _, w_out, out in parsed]
 
 
 MAX_DEQUANTIZED_ELEMENTS = 1 << 24  # einsum_by_rows: float32 elements of one chunk dequantized at a time (64 MB)

@@ -133,6 +133,29 @@ def test_concurrent_calls_give_the_one_thread_bits():
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("activations", ["int8", "int16", "float32"])
+def test_many_weights_in_one_call_give_each_ones_bits(layout, activations):
+    """qmatmul_many (a layer's q, k and v in one call): each result is qmatmul's of its weight, bit for bit, for the
+    streamed row, small tiles and a panel; sizes that split among the threads and that do not."""
+    weights = [random_parts(layout, n, 160, seed=n) for n in (37, 5, 300)]
+    for m in (1, 3, 70):
+        x = random_x(m, 160)
+        many = jax.jit(lambda x, ws: qm.qmatmul_many(x, layout, ws, activations=activations))(x, weights)
+        for w, y in zip(weights, many):
+            np.testing.assert_array_equal(np.asarray(y), np.asarray(qm.qmatmul(x, layout, w, activations=activations)))
+
+
+def test_many_weights_refuse_what_does_not_fit():
+    x = random_x(2)
+    with pytest.raises(ValueError, match="at least one weight"):
+        qm.qmatmul_many(x, "q4_0", [])
+    with pytest.raises(ValueError, match="q4_0 takes parts"):
+        qm.qmatmul_many(x, "q4_0", [random_parts("q4_0", 4, K), random_parts("int4_g32_min", 4, K)])
+    with pytest.raises(ValueError, match=r"shape \(4, 96\); expected \[N, n\] with n = 48 for K=96"):
+        qm.qmatmul_many(x, "q4_0", [random_parts("q4_0", 4, K), random_parts("q4_0", 4, 2 * K)])
+
+
 def test_refuses_what_the_layouts_cannot_hold():
     parts = random_parts("q8_0", 4, K)
     with pytest.raises(ValueError, match="K=80"):

@@ -64,6 +64,9 @@ HANDLERS = {
     "jaxinfer_qmatmul_q8_0": "jaxinfer_qmatmul_q8_0",
     "jaxinfer_qmatmul_q4_0": "jaxinfer_qmatmul_q4_0",
     "jaxinfer_qmatmul_int4_g32_min": "jaxinfer_qmatmul_int4_g32_min",
+    "jaxinfer_qmatmul_many_q8_0": "jaxinfer_qmatmul_many_q8_0",
+    "jaxinfer_qmatmul_many_q4_0": "jaxinfer_qmatmul_many_q4_0",
+    "jaxinfer_qmatmul_many_int4_g32_min": "jaxinfer_qmatmul_many_int4_g32_min",
     "jaxinfer_paged_attention": "jaxinfer_paged_attention",
 }
 BUILD_TIMEOUT_S = 600

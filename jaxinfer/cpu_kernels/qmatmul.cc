@@ -349,9 +349,17 @@ void PairX16(int64_t isa, const int16_t* q, int64_t blocks, int16_t* q_pairs) {
   PairBlocks16(q, blocks, q_pairs);
 }
 
-// One (x, W) pair of the batch: quantize x (8 or 16 bits; 32: as it is), then the row chunks in parallel.
-void Matmul(ffi::ThreadPool& pool, int64_t threads, int64_t isa, int64_t activation_bits, const Weights& w,
-            const float* x_data, int64_t m, float* y) {
+// One weight and where its product goes: y [M, w.n].
+struct Product {
+  Weights w;
+  float* y;
+};
+
+// x [M, K] against one or more weights of one layout and K (a layer's q, k and v): quantize x once (8 or 16 bits;
+// 32: as it is), then every weight's row chunks in parallel, together.
+void Matmul(ffi::ThreadPool& pool, int64_t threads, int64_t isa, int64_t activation_bits,
+            const Product* products, int64_t count, const float* x_data, int64_t m) {
+  const Weights& w = products[0].w;  // the layout, K and blocks every product shares
   // int16 from 2 rows on: the float path on x rounded to its 16-bit grid (the integer dot's function).
   const Dot dot = activation_bits == 8 ? Dot::kInt8 : activation_bits == 16 && m == 1 ? Dot::kInt16 : Dot::kFloat;
   const bool round16 = activation_bits == 16 && dot == Dot::kFloat;
@@ -391,10 +399,20 @@ void Matmul(ffi::ThreadPool& pool, int64_t threads, int64_t isa, int64_t activat
   }
   Activations x{round16 ? rounded.data() : x_data, codes.data(), codes16.data(), scales.data(), sums.data(),
                 sums_by_block.data(), q_pairs.data(), d_pairs.data(), q16_pairs.data(), m, w.k, w.blocks, m_padded};
-  int64_t rows = RowsPerChunk(w, m, dot, threads);
-  int64_t num_chunks = (w.n + rows - 1) / rows;
-  ParallelFor(pool, threads, num_chunks, [&, rows](int64_t i) {
-    RunRows(isa, dot, w, x, i * rows, std::min(w.n, (i + 1) * rows), y);
+  struct Chunk {
+    const Product* product;
+    int64_t begin, end;
+  };
+  thread_local std::vector<Chunk> chunks;
+  chunks.clear();
+  for (const Product* p = products; p < products + count; ++p) {
+    int64_t rows = RowsPerChunk(p->w, m, dot, threads);
+    for (int64_t n = 0; n < p->w.n; n += rows) chunks.push_back({p, n, std::min(p->w.n, n + rows)});
+  }
+  const Chunk* list = chunks.data();  // this thread's: a helper naming `chunks` would find its own, empty
+  ParallelFor(pool, threads, static_cast<int64_t>(chunks.size()), [&, list](int64_t i) {
+    const Chunk& c = list[i];
+    RunRows(isa, dot, c.product->w, x, c.begin, c.end, c.product->y);
   });
 }
 
@@ -508,10 +526,11 @@ ffi::Error QMatmul(ffi::ThreadPool pool, Layout layout, ffi::Buffer<ffi::F32> x,
                                          std::to_string(layers));
     }
     if (one_weight) {  // x's batch folds into M
-      Matmul(pool, threads, isa, activation_bits, *w, x_data, batch_size * m, y_data);
+      Product product{*w, y_data};
+      Matmul(pool, threads, isa, activation_bits, &product, 1, x_data, batch_size * m);
     } else {
-      Matmul(pool, threads, isa, activation_bits, *w, x_data + x_op.Offset(batch, i) * m * k, m,
-             y_data + i * m * n);
+      Product product{*w, y_data + i * m * n};
+      Matmul(pool, threads, isa, activation_bits, &product, 1, x_data + x_op.Offset(batch, i) * m * k, m);
     }
   }
   return ffi::Error::Success();
@@ -540,6 +559,79 @@ ffi::Error QMatmulQ4_1(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   return QMatmul(pool, Layout::kQ4_1, x, layer, values, scales, &mins, y, threads, isa, activation_bits);
 }
 
+// x [M, K] f32 against several weights of one layout, unstacked (a layer's q, k, v; its gate and up): the remaining
+// args are each weight's parts in the layout's order (values, scales[, mins]), the results y_j [M, N_j] f32. One
+// call: x quantized once, every weight's row chunks shared among the threads.
+ffi::Error QMatmulMany(ffi::ThreadPool pool, Layout layout, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs parts,
+                       ffi::RemainingRets ys, int64_t threads, int64_t isa, int64_t activation_bits) {
+  const int64_t per_weight = layout == Layout::kQ4_1 ? 3 : 2, codes_per_byte = layout == Layout::kQ8_0 ? 1 : 2;
+  const auto x_dims = x.dimensions();
+  if (x_dims.size() != 2 || x_dims[1] % kBlock != 0 || ys.size() == 0 ||
+      parts.size() != ys.size() * static_cast<size_t>(per_weight)) {
+    return ffi::Error::InvalidArgument("qmatmul_many: x " + Shape(x_dims) + " must be [M, K], K a multiple of 32, with " +
+                                       std::to_string(per_weight) + " parts per result (" +
+                                       std::to_string(parts.size()) + " parts, " + std::to_string(ys.size()) +
+                                       " results)");
+  }
+  const int64_t best = BestIsa();
+  if (isa == kAuto) isa = best;
+  if (isa < kScalar || isa > best || (activation_bits != 8 && activation_bits != 16 && activation_bits != 32)) {
+    return ffi::Error::InvalidArgument("qmatmul_many: isa " + std::to_string(isa) + " (best " + std::to_string(best) +
+                                       ") or activation_bits " + std::to_string(activation_bits) + " not usable");
+  }
+  const int64_t m = x_dims[0], k = x_dims[1], blocks = k / kBlock;
+  std::vector<Product> products;
+  for (size_t j = 0; j < ys.size(); ++j) {
+    auto values = parts.get<ffi::AnyBuffer>(j * per_weight);
+    auto scales = parts.get<ffi::AnyBuffer>(j * per_weight + 1);
+    auto y = ys.get<ffi::AnyBuffer>(j);
+    if (!values.has_value() || !scales.has_value() || !y.has_value()) {
+      return ffi::Error::InvalidArgument("qmatmul_many: weight " + std::to_string(j) + " could not be read");
+    }
+    const uint16_t* mins = nullptr;
+    if (per_weight == 3) {
+      auto m_part = parts.get<ffi::AnyBuffer>(j * per_weight + 2);
+      if (!m_part.has_value()) return ffi::Error::InvalidArgument("qmatmul_many: mins could not be read");
+      mins = static_cast<const uint16_t*>(m_part->untyped_data());
+    }
+    const auto v_dims = values->dimensions(), y_dims = (*y)->dimensions();
+    const int64_t n = v_dims.size() == 2 ? v_dims[0] : -1;
+    const auto code_type = layout == Layout::kQ8_0 ? ffi::DataType::S8 : ffi::DataType::U8;
+    if (n < 0 || values->element_type() != code_type || scales->element_type() != ffi::DataType::F16 ||
+        v_dims[1] != k / codes_per_byte || scales->dimensions().size() != 2 ||
+        scales->dimensions()[0] != n || scales->dimensions()[1] != blocks || y_dims.size() != 2 || y_dims[0] != m ||
+        y_dims[1] != n) {
+      return ffi::Error::InvalidArgument("qmatmul_many: weight " + std::to_string(j) + " values " + Shape(v_dims) +
+                                         ", scales " + Shape(scales->dimensions()) + ", y " + Shape(y_dims) +
+                                         " do not fit x " + Shape(x_dims));
+    }
+    products.push_back({Weights{layout, static_cast<const uint8_t*>(values->untyped_data()),
+                                static_cast<const uint16_t*>(scales->untyped_data()), mins, n, k, blocks,
+                                k / codes_per_byte, kBlock / codes_per_byte},
+                        static_cast<float*>((*y)->untyped_data())});
+  }
+  if (m > 0) {
+    Matmul(pool, UsableThreads(pool, threads), isa, activation_bits, products.data(),
+           static_cast<int64_t>(products.size()), x.typed_data(), m);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error QMatmulManyQ8_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs parts,
+                           ffi::RemainingRets ys, int64_t threads, int64_t isa, int64_t activation_bits) {
+  return QMatmulMany(pool, Layout::kQ8_0, x, parts, ys, threads, isa, activation_bits);
+}
+
+ffi::Error QMatmulManyQ4_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs parts,
+                           ffi::RemainingRets ys, int64_t threads, int64_t isa, int64_t activation_bits) {
+  return QMatmulMany(pool, Layout::kQ4_0, x, parts, ys, threads, isa, activation_bits);
+}
+
+ffi::Error QMatmulManyQ4_1(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs parts,
+                           ffi::RemainingRets ys, int64_t threads, int64_t isa, int64_t activation_bits) {
+  return QMatmulMany(pool, Layout::kQ4_1, x, parts, ys, threads, isa, activation_bits);
+}
+
 }  // namespace qmm
 
 extern "C" int64_t jaxinfer_cpu_kernels_best_isa() { return qmm::BestIsa(); }
@@ -563,3 +655,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_qmatmul_q4_0, qmm::QMatmulQ4_0,
                               QMM_BIND_COMMON.Ret<ffi::Buffer<ffi::F32>>() QMM_ATTRS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_qmatmul_int4_g32_min, qmm::QMatmulQ4_1,
                               QMM_BIND_COMMON.Arg<ffi::Buffer<ffi::F16>>().Ret<ffi::Buffer<ffi::F32>>() QMM_ATTRS);
+
+#define QMM_BIND_MANY                    \
+  ffi::Ffi::Bind()                       \
+      .Ctx<ffi::ThreadPool>()            \
+      .Arg<ffi::Buffer<ffi::F32>>()      \
+      .RemainingArgs()                   \
+      .RemainingRets()
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_qmatmul_many_q8_0, qmm::QMatmulManyQ8_0, QMM_BIND_MANY QMM_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_qmatmul_many_q4_0, qmm::QMatmulManyQ4_0, QMM_BIND_MANY QMM_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_qmatmul_many_int4_g32_min, qmm::QMatmulManyQ4_1, QMM_BIND_MANY QMM_ATTRS);

@@ -131,6 +131,37 @@ def qmatmul(x: jax.Array, layout: str, parts: dict[str, jax.Array], *, layer: ja
     return y.reshape(*batch, n)  # [M, N] -> [..., N]
 
 
+def qmatmul_many(x: jax.Array, layout: str, weights: list[dict[str, jax.Array]], *, activations: str = "int8",
+                 threads: int | None = None, isa: str | None = None) -> list[jax.Array]:
+    """[qmatmul(x, layout, w) for w in weights] in one call (a layer's q, k and v; its gate and up): x quantized once,
+    every weight's rows shared among the threads together, one hand-off to them. Each w [N_j, K] unstacked, all of
+    one layout; results float32 [..., N_j]. Works under jit and lax.scan (vmap: one call per batch element)."""
+    if not weights:
+        raise ValueError("qmatmul_many takes at least one weight")
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations={activations!r} must be one of {ACTIVATIONS}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads={threads} must be at least 1")
+    if x.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"x must be float32 or bfloat16, got {x.dtype}")
+    k = x.shape[-1]
+    ns = [check_parts(layout, w, k)[-1] for w in weights]
+    batch = x.shape[:-1]
+    x2 = x.astype(jnp.float32).reshape(-1, k)  # [M, K]
+    if x2.shape[0] == 0:
+        return [jnp.zeros((*batch, n), jnp.float32) for n in ns]
+    if activations == "auto":
+        activations = "float32" if x2.shape[0] >= FLOAT_ACTIVATIONS_FROM_M[layout] else "int8"
+    call = jax.ffi.ffi_call(f"jaxinfer_qmatmul_many_{layout}",
+                            [jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32) for n in ns],
+                            vmap_method="sequential")
+    build.library()  # built and registered before the call is lowered
+    names = [name for name, _, _ in LAYOUTS[layout]]
+    ys = call(x2, *(w[name] for w in weights for name in names), threads=np.int64(threads or 0),
+              isa=np.int64(_isa_code(isa)), activation_bits=np.int64(ACTIVATION_BITS[activations]))
+    return [y.reshape(*batch, n) for y, n in zip(ys, ns)]
+
+
 # --------------------------------------------------------------------------------------------
 # Reference, plain jnp, float32
 
