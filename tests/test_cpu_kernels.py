@@ -3,6 +3,7 @@ under jit / scan / vmap / shard_map; the build cache and its fallback, in subpro
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -318,6 +319,38 @@ def test_second_process_finds_the_library(tmp_path):
     assert code == 0 and result_of(out)[:2] == ["True", "False"], err
     assert "SUM 96.0" in out  # 3 rows of 32 ones
     assert len(list(tmp_path.glob("*.so"))) == 1 and not list(tmp_path.glob("*.tmp"))
+
+
+SPIN_PROBE = textwrap.dedent("""
+    import hashlib, numpy as np, jax.numpy as jnp
+    from jaxinfer.cpu_kernels import qmatmul as qm
+    rng = np.random.default_rng(7)
+    parts = {"values": jnp.asarray(rng.integers(0, 256, (2048, 128), dtype=np.uint8)),
+             "scales": jnp.asarray(rng.uniform(0.002, 0.02, (2048, 8)).astype(np.float16))}
+    x = jnp.asarray(rng.normal(size=(1, 256)).astype(np.float32))
+    y = np.asarray(qm.qmatmul(x, "q4_0", parts, threads=2, activations="int16"))
+    print("BITS", hashlib.sha256(y.tobytes()).hexdigest())
+    import os
+    print("THREADS", len(os.listdir("/proc/self/task")))
+""")
+
+
+def test_spin_setting():
+    """JAXINFER_CPU_KERNELS_SPIN_US=0 starts no helper threads of the kernels' own (one per core but the caller's
+    otherwise) and splits the rows on XLA's pool instead; either way the bits are the one-thread answer's."""
+    outs = {}
+    for spin in ("0", "5"):
+        run = subprocess.run([sys.executable, "-c", SPIN_PROBE], capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "JAX_PLATFORMS": "cpu", "JAXINFER_CPU_KERNELS_SPIN_US": spin})
+        assert run.returncode == 0, run.stderr
+        outs[spin] = dict(line.split() for line in run.stdout.splitlines() if line.startswith(("BITS", "THREADS")))
+    assert int(outs["5"]["THREADS"]) - int(outs["0"]["THREADS"]) == len(os.sched_getaffinity(0)) - 1, outs
+    rng = np.random.default_rng(7)
+    parts = {"values": jnp.asarray(rng.integers(0, 256, (2048, 128), dtype=np.uint8)),
+             "scales": jnp.asarray(rng.uniform(0.002, 0.02, (2048, 8)).astype(np.float16))}
+    x = jnp.asarray(rng.normal(size=(1, 256)).astype(np.float32))
+    want = np.asarray(qm.qmatmul(x, "q4_0", parts, threads=1, activations="int16"))
+    assert outs["0"]["BITS"] == outs["5"]["BITS"] == hashlib.sha256(want.tobytes()).hexdigest()
 
 
 def test_changed_source_changes_the_key(tmp_path, monkeypatch):

@@ -11,6 +11,8 @@ processes from building at once or seeing half a file; a later process loads the
     JAXINFER_CPU_KERNELS_DIR=DIR       where the libraries are cached
                                        (default: $XDG_CACHE_HOME/jaxinfer/cpu_kernels, else ~/.cache/...)
     CXX=COMPILER                       the C++ compiler (default: g++)
+    JAXINFER_CPU_KERNELS_SPIN_US=N     how long the kernels' helper threads spin for the next call before they
+                                       sleep (default 200); 0: no helpers of their own, XLA's pool only
 
 Under auto a failure (no compiler, a compile error, a library that will not load) is one logged line, the first
 error line of the compiler included, and `available()` is False: the caller keeps its XLA path.

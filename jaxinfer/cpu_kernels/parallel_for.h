@@ -4,9 +4,11 @@
 //  - SpinPool: helper threads of this library's own that spin for a while after each job before they sleep. Decode
 //    calls a kernel every few tens of microseconds with a few microseconds of work per thread; a task scheduled on
 //    XLA's pool started 10-120 us later on a 2-core machine (its workers sleep), which cost more than the work.
+//    $JAXINFER_CPU_KERNELS_SPIN_US sets the spin (default 200 microseconds); 0 starts no helpers (XLA's pool only:
+//    no CPU burnt between calls, slower decode).
 //  - XLA's intra-op pool, where another handler holds the SpinPool (8 host devices under shard_map run handlers at
-//    once): a handler may itself run on a pool worker, so it never blocks on a task that has not started; it waits
-//    only for items already claimed (their threads have started).
+//    once) or it has no helpers: a handler may itself run on a pool worker, so it never blocks on a task that has
+//    not started; it waits only for items already claimed (their threads have started).
 
 #ifndef JAXINFER_CPU_KERNELS_PARALLEL_FOR_H_
 #define JAXINFER_CPU_KERNELS_PARALLEL_FOR_H_
@@ -18,6 +20,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -55,11 +58,15 @@ inline int64_t UsableThreads(xla::ffi::ThreadPool& pool, int64_t requested) {
 // sleep until the next. One job at a time: a handler that finds the pool busy uses XLA's pool instead (TryRun false).
 class SpinPool {
  public:
-  static constexpr std::chrono::microseconds kSpin{200};
+  static constexpr int64_t kDefaultSpinMicroseconds = 200;
 
   // The process's pool, started on first use; never destroyed (its threads are detached: exit does not wait).
   static SpinPool& Get() {
-    static SpinPool* pool = new SpinPool(UsableCores() - 1);
+    static SpinPool* pool = [] {
+      int64_t spin = kDefaultSpinMicroseconds;
+      if (const char* env = std::getenv("JAXINFER_CPU_KERNELS_SPIN_US"); env && *env) spin = std::atoll(env);
+      return new SpinPool(spin > 0 ? UsableCores() - 1 : 0, std::max<int64_t>(0, spin));
+    }();
     return *pool;
   }
 
@@ -89,7 +96,7 @@ class SpinPool {
   }
 
  private:
-  explicit SpinPool(int64_t helpers) : helpers_(std::max<int64_t>(0, helpers)) {
+  SpinPool(int64_t helpers, int64_t spin_us) : helpers_(std::max<int64_t>(0, helpers)), spin_(spin_us) {
     for (int64_t i = 0; i < helpers_; ++i) std::thread([this] { Loop(); }).detach();
   }
 
@@ -104,7 +111,7 @@ class SpinPool {
   void Loop() {
     uint64_t seen = generation_.load();
     for (;;) {
-      auto deadline = std::chrono::steady_clock::now() + kSpin;
+      auto deadline = std::chrono::steady_clock::now() + spin_;
       for (int spins = 0; generation_.load() == seen; ++spins) {
         JAXINFER_CPU_RELAX();
         if ((spins & 255) == 255 && std::chrono::steady_clock::now() > deadline) {
@@ -125,6 +132,7 @@ class SpinPool {
   }
 
   const int64_t helpers_;
+  const std::chrono::microseconds spin_;
   std::mutex busy_;  // held by the caller whose job this is
   const std::function<void(int64_t)>* run_ = nullptr;
   int64_t count_ = 0;
