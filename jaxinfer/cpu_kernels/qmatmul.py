@@ -89,6 +89,16 @@ def check_parts(layout: str, parts: dict, k: int, stacked: bool = False) -> tupl
     return lead
 
 
+def _check_call(x: jax.Array, activations: str, threads: int | None) -> None:
+    """ValueError naming a bad activations, threads or x dtype."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations={activations!r} must be one of {ACTIVATIONS}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads={threads} must be at least 1")
+    if x.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"x must be float32 or bfloat16, got {x.dtype}")
+
+
 def qmatmul(x: jax.Array, layout: str, parts: dict[str, jax.Array], *, layer: jax.Array | int | None = None,
             activations: str = "int8", threads: int | None = None, isa: str | None = None) -> jax.Array:
     """x [..., K] (float32 or bfloat16) @ dequantize(W).T -> float32 [..., N], W [N, K] stored as `layout`'s parts.
@@ -99,15 +109,10 @@ def qmatmul(x: jax.Array, layout: str, parts: dict[str, jax.Array], *, layer: ja
     activations: "int8" (x quantized per block of 32, integer block dots), "int16" (x rounded to 16 bits per block of
     32: KLD ~1e-7 against float), "float32" (float dots), or "auto" (int8 below FLOAT_ACTIVATIONS_FROM_M[layout] rows
     of x, float32 from there).
-    threads: at most this many threads of XLA's intra-op pool (None: all, at most one per core). isa: the highest
+    threads: at most this many threads (None: one per core; parallel_for.h says whose). isa: the highest
     instruction set to use (None: $JAXINFER_CPU_KERNELS_ISA, else the CPU's best). Works under jit, lax.scan, vmap
     (vmap_method="expand_dims": batched weights loop in the kernel) and shard_map (local shards)."""
-    if activations not in ACTIVATIONS:
-        raise ValueError(f"activations={activations!r} must be one of {ACTIVATIONS}")
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads={threads} must be at least 1")
-    if x.dtype not in (jnp.float32, jnp.bfloat16):
-        raise ValueError(f"x must be float32 or bfloat16, got {x.dtype}")
+    _check_call(x, activations, threads)
     k = x.shape[-1]
     lead = check_parts(layout, parts, k, stacked=layer is not None)
     n = lead[-1]
@@ -138,12 +143,7 @@ def qmatmul_many(x: jax.Array, layout: str, weights: list[dict[str, jax.Array]],
     one layout; results float32 [..., N_j]. Works under jit and lax.scan (vmap: one call per batch element)."""
     if not weights:
         raise ValueError("qmatmul_many takes at least one weight")
-    if activations not in ACTIVATIONS:
-        raise ValueError(f"activations={activations!r} must be one of {ACTIVATIONS}")
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads={threads} must be at least 1")
-    if x.dtype not in (jnp.float32, jnp.bfloat16):
-        raise ValueError(f"x must be float32 or bfloat16, got {x.dtype}")
+    _check_call(x, activations, threads)
     k = x.shape[-1]
     ns = [check_parts(layout, w, k)[-1] for w in weights]
     batch = x.shape[:-1]
