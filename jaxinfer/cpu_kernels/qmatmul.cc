@@ -11,9 +11,8 @@
 //   sum_i w_i x_i = d * dx * sum_i q_i qx_i  +  m * (dx * sum_i qx_i)
 // an integer dot of the codes, a scale per block, and the min against the block sum precomputed with x.
 // The arithmetic (Dot): int8 activations (maddubs: the fastest, llama.cpp's rounding), int16 (madd: a step of
-// max|x| / 32767 per block, 256 times finer, about 1.4 times int8's work), or float (x as it is, a panel of W
-// dequantized in cache: exact up to the order of the sums). int16 streams at M = 1; from M = 2 on it runs the float
-// path on x rounded to its 16-bit grid (the same function: W . round16(x), up to the order of the sums).
+// max|x| / 32767 per block, 256 times finer, about int8's speed at M = 1), or float (x as it is, a panel of W
+// dequantized in cache: exact up to the order of the sums).
 // A layout with groups of 64 or 128 reads the same scale for 2 or 4 blocks (ScaleIndex), int8_channel one per row;
 // the K-quants compute d and m from their sub-block scales where MinOf and the block loads stand.
 //
@@ -360,20 +359,17 @@ struct Product {
 void Matmul(ffi::ThreadPool& pool, int64_t threads, int64_t isa, int64_t activation_bits,
             const Product* products, int64_t count, const float* x_data, int64_t m) {
   const Weights& w = products[0].w;  // the layout, K and blocks every product shares
-  // int16 from 2 rows on: the float path on x rounded to its 16-bit grid (the integer dot's function).
-  const Dot dot = activation_bits == 8 ? Dot::kInt8 : activation_bits == 16 && m == 1 ? Dot::kInt16 : Dot::kFloat;
-  const bool round16 = activation_bits == 16 && dot == Dot::kFloat;
-  const int64_t m_padded = (m + 3) / 4 * 4, blocks = dot == Dot::kFloat && !round16 ? 0 : w.blocks;
+  const Dot dot = activation_bits == 8 ? Dot::kInt8 : activation_bits == 16 ? Dot::kInt16 : Dot::kFloat;
+  const int64_t m_padded = (m + 3) / 4 * 4, blocks = dot == Dot::kFloat ? 0 : w.blocks;
   // This thread's buffers, reused from call to call (decode makes hundreds of small calls a token).
   thread_local std::vector<int8_t> codes, q_pairs;
   thread_local std::vector<int16_t> codes16, q16_pairs;
-  thread_local std::vector<float> scales, sums, sums_by_block, rounded, d_pairs;
+  thread_local std::vector<float> scales, sums, sums_by_block, d_pairs;
   codes.resize(dot == Dot::kInt8 ? blocks * kBlock * m : 0);
   codes16.resize(dot == Dot::kInt8 ? 0 : blocks * kBlock * m);
   scales.resize(blocks * m);
   sums.resize(blocks * m);
   sums_by_block.assign(blocks * m_padded, 0.0f);
-  rounded.resize(round16 ? m * w.k : 0);  // [M, K] d * q: x on its 16-bit grid
   for (int64_t i = 0; i < m && blocks; ++i) {
     float* d = scales.data() + i * w.blocks;
     float* s = sums.data() + i * w.blocks;
@@ -383,7 +379,6 @@ void Matmul(ffi::ThreadPool& pool, int64_t threads, int64_t isa, int64_t activat
       QuantizeX(isa, x_data + i * w.k, w.k, codes16.data() + i * w.k, d, s);
     }
     for (int64_t b = 0; b < w.blocks; ++b) sums_by_block[b * m_padded + i] = s[b];
-    for (int64_t j = 0; j < w.k && round16; ++j) rounded[i * w.k + j] = d[j / kBlock] * codes16[i * w.k + j];
   }
   const bool pairs = dot != Dot::kFloat && w.layout != Layout::kQ8_0;
   q_pairs.resize(pairs && dot == Dot::kInt8 ? m * w.k : 0);
@@ -397,7 +392,7 @@ void Matmul(ffi::ThreadPool& pool, int64_t threads, int64_t isa, int64_t activat
       PairX16(isa, codes16.data() + i * w.k, w.blocks, q16_pairs.data() + i * w.k);
     }
   }
-  Activations x{round16 ? rounded.data() : x_data, codes.data(), codes16.data(), scales.data(), sums.data(),
+  Activations x{x_data, codes.data(), codes16.data(), scales.data(), sums.data(),
                 sums_by_block.data(), q_pairs.data(), d_pairs.data(), q16_pairs.data(), m, w.k, w.blocks, m_padded};
   struct Chunk {
     const Product* product;

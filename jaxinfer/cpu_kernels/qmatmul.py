@@ -10,8 +10,8 @@ The weight arrives as plain arrays, a layout name and its parts, as jaxinfer.qua
 
 Nibbles in ggml's order: in each block's 16 bytes, byte j holds code j (low nibble) and code j + 16 (high nibble).
 By default x is quantized per block of 32 to int8 with a float32 scale (llama.cpp's Q8_0 / Q8_1) and the blocks are
-integer dots; activations="int16" rounds x to a 256 times finer grid (max|x| / 32767 per block): integer dots at
-M = 1, and from 2 rows on the float path on x so rounded (the same function); activations="float32" keeps x in float
+integer dots; activations="int16" rounds x to a 256 times finer grid (max|x| / 32767 per block), integer dots too
+(madd: about int8's speed at M = 1, streamed; tiles of 4 rows of x beyond); activations="float32" keeps x in float
 (a panel of W dequantized in cache, then float dots): exact, and as fast as int8 from ~32-64 rows of x on ("auto"
 picks int8 or float32 by rows). Stacked layers: pass the whole [L, N, n] stack and
 `layer=i` (a sliced operand of a custom call is copied under lax.scan).
