@@ -340,11 +340,12 @@ def kernel_activations(w, matmul: str | None, rows: int | None = None) -> str | 
         return None
     on_cpu = jax.default_backend() == "cpu"
     if matmul is None:
-        usable = on_cpu and w.layout in cpu_qmatmul.LAYOUTS and cpu_kernels.available()
-        return KERNEL_ACTIVATIONS["kernel"] if usable and (rows is None or rows <= KERNEL_MAX_ROWS) else None
-    if not on_cpu:
+        if not (on_cpu and cpu_kernels.available()):
+            return None
+        matmul = "kernel"
+    elif not on_cpu:
         raise ValueError(f"quantized_matmul={matmul!r} runs on the CPU only (the backend is {jax.default_backend()})")
-    if not cpu_kernels.available():
+    elif not cpu_kernels.available():
         raise ValueError(f"quantized_matmul={matmul!r}: the CPU kernels are unavailable: "
                          f"{cpu_kernels.unavailable_reason()}")
     if w.layout not in cpu_qmatmul.LAYOUTS:
@@ -361,9 +362,7 @@ def einsum(spec: str, x: jax.Array, w, *, matmul: str | None = None, **kwargs) -
     contracting two dims made XLA:CPU transpose-copy the weight every step). A QuantArray goes to the CPU kernel
     where `matmul` (Runtime.quantized_matmul) and kernel_activations say so; otherwise it is dequantized in its
     stored layout and contracted there (XLA's dequantize-and-dot), never held dequantized past its dot."""
-    lhs, rest = spec.split(",")
-    rhs, out = rest.split("->")
-    contracted = "".join(c for c in rhs if c in lhs and c not in out)
+    lhs, rhs, out, contracted = _spec_parts(spec)
     if not is_quant(w):
         if len(contracted) == 1:
             return jnp.einsum(spec, x, w, **kwargs)
@@ -373,7 +372,7 @@ def einsum(spec: str, x: jax.Array, w, *, matmul: str | None = None, **kwargs) -
         return jnp.einsum(f"{lhs},{rhs.replace(contracted, contracted[0])}->{out}", x, w, **kwargs)
     if w.lead_ndim:
         raise ValueError(f"einsum takes one layer's weight, got a stacked {w.layout} of shape {w.shape}")
-    expected = rhs[: len(contracted)] if w.contract_first else rhs[len(rhs) - len(contracted) :]
+    expected = _stored_contraction(w, rhs, contracted)
     if expected != contracted or len(contracted) != 1 + len(w.contract_inner):
         raise ValueError(f"einsum {spec!r}: {w.layout} weight {w.shape} contracts {expected!r}, not {contracted!r}")
     x, lhs = _merge(x, lhs, contracted)
@@ -391,6 +390,18 @@ def einsum(spec: str, x: jax.Array, w, *, matmul: str | None = None, **kwargs) -
     halves = [jnp.take(runs, i, axis=at + 1).reshape(*x.shape[:at], -1, *x.shape[at + 1 :]) for i in (0, 1)]
     weights = [h.astype(w.dtype) for h in w.spec.decode_halves(w.parts)]
     return sum(jnp.einsum(spec, xh, wh, **kwargs) for xh, wh in zip(halves, weights))
+
+
+def _spec_parts(spec: str) -> tuple[str, str, str, str]:
+    """"lhs,rhs->out" -> (lhs, rhs, out, the letters rhs contracts with lhs)."""
+    lhs, rest = spec.split(",")
+    rhs, out = rest.split("->")
+    return lhs, rhs, out, "".join(c for c in rhs if c in lhs and c not in out)
+
+
+def _stored_contraction(w: QuantArray, rhs: str, contracted: str) -> str:
+    """The letters of rhs that w's storage contracts: its first or its last len(contracted)."""
+    return rhs[: len(contracted)] if w.contract_first else rhs[len(rhs) - len(contracted) :]
 
 
 def _kernel_einsum(lhs: str, w_out: str, c: str, out: str, x: jax.Array, w: QuantArray, activations: str, dtype):
@@ -427,9 +438,8 @@ def einsums(specs: list[str], x: jax.Array, ws: list, *, matmul: str | None = No
     fused = _fused_kernel_call(specs, x, ws, matmul)
     if fused is None:
         return [einsum(spec, x, w, matmul=matmul, **kwargs) for spec, w in zip(specs, ws)]
-    lhs, c, activations, outs = fused
-    x, x_lhs = _merge(x, lhs, c)
-    x, x_rest = _contracted_last(x_lhs, c[0], x)
+    x, x_lhs, c, activations, outs = fused
+    x, x_rest = _contracted_last(x_lhs, c, x)
     ys = cpu_qmatmul.qmatmul_many(x, ws[0].layout, [_kernel_parts(w) for w in ws], activations=activations)
     results = []
     for y, w, (w_out, out) in zip(ys, ws, outs):
@@ -439,28 +449,24 @@ def einsums(specs: list[str], x: jax.Array, ws: list, *, matmul: str | None = No
 
 
 def _fused_kernel_call(specs, x, ws, matmul):
-    """(lhs, contracted letters, activations, [(w's out letters, out)] per weight) where one kernel call can
-    contract x with every w (see einsums); else None."""
+    """(x with its contracted dims merged, its subscripts, the contracted letter, activations, [(w's out letters,
+    out)] per weight) where one kernel call can contract x with every w (see einsums); else None."""
     if len(ws) < 2 or not all(is_quant(w) and not w.lead_ndim for w in ws):
         return None
     parsed = []
     for spec, w in zip(specs, ws):
-        lhs, rest = spec.split(",")
-        rhs, out = rest.split("->")
-        contracted = "".join(ch for ch in rhs if ch in lhs and ch not in out)
-        expected = rhs[: len(contracted)] if w.contract_first else rhs[len(rhs) - len(contracted) :]
-        if expected != contracted or len(contracted) != 1 + len(w.contract_inner):
+        lhs, rhs, out, contracted = _spec_parts(spec)
+        if _stored_contraction(w, rhs, contracted) != contracted or len(contracted) != 1 + len(w.contract_inner):
             return None  # einsum names the mismatch
         parsed.append((lhs, contracted, rhs.replace(contracted, ""), out))
     lhs, contracted = parsed[0][:2]
     if any((p[0], p[1]) != (lhs, contracted) for p in parsed) or len({(w.layout, w.contraction) for w in ws}) != 1:
         return None
     merged, merged_lhs = _merge(x, lhs, contracted)
-    rows = _rows(merged, merged_lhs, contracted[0])
-    activations = {kernel_activations(w, matmul, rows) for w in ws}
+    activations = {kernel_activations(w, matmul, _rows(merged, merged_lhs, contracted[0])) for w in ws}
     if len(activations) != 1 or None in activations:
         return None
-    return lhs, contracted, activations.pop(), [(w_out, out) for _, _, w_out, out in parsed]
+    return merged, merged_lhs, contracted[0], activations.pop(), [(w_out, out) for _, _, w_out, out in parsed]
 
 
 MAX_DEQUANTIZED_ELEMENTS = 1 << 24  # einsum_by_rows: float32 elements of one chunk dequantized at a time (64 MB)
@@ -470,16 +476,15 @@ def einsum_by_rows(spec: str, x: jax.Array, w, *, matmul: str | None = None, **k
     """einsum(spec, x, w) for a weight with one out dim (the lm_head / tied embedding, [V, D] stored): a QuantArray
     of more than MAX_DEQUANTIZED_ELEMENTS is contracted a chunk of out rows at a time in a loop, so one chunk is
     dequantized at once, not the whole (Llama 3's 128256 x 4096 head: 2.1 GB of float32 a step). Float: einsum."""
-    rows = x.size // x.shape[-1] if is_quant(w) else None  # x [..., D]: the head contracts x's last dim
-    if not is_quant(w) or w.out_ndim != 1 or w.lead_ndim or kernel_activations(w, matmul, rows) is not None:
+    x_rows = x.size // x.shape[-1] if is_quant(w) else None  # x [..., D]: the head contracts x's last dim
+    if not is_quant(w) or w.out_ndim != 1 or w.lead_ndim or kernel_activations(w, matmul, x_rows) is not None:
         return einsum(spec, x, w, matmul=matmul, **kwargs)  # the kernel dequantizes nothing
     rows, contraction = w.out_shape[0], w.contraction
     chunks = next((n for n in range(1, rows + 1) if rows % n == 0 and rows // n * contraction <= MAX_DEQUANTIZED_ELEMENTS),
                   rows)
     if chunks == 1:
         return einsum(spec, x, w, matmul="xla", **kwargs)
-    lhs, rest = spec.split(",")
-    rhs, out = rest.split("->")
+    lhs, rhs, out, _ = _spec_parts(spec)
     letter = "".join(c for c in rhs if c not in lhs)  # w's out letter (V)
     assert len(letter) == 1 and out.endswith(letter), spec
     stacked = w.map_parts(lambda p: p.reshape(chunks, rows // chunks, *p.shape[1:]))  # [chunks, V / chunks, n]

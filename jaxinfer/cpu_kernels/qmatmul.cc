@@ -411,6 +411,22 @@ void Matmul(ffi::ThreadPool& pool, int64_t threads, int64_t isa, int64_t activat
   });
 }
 
+// The `isa` (kAuto -> the best) and `activation_bits` attributes of a call: an error naming a value this CPU or the
+// kernel cannot take, else nothing.
+std::optional<ffi::Error> CheckIsaAndBits(const std::string& op, int64_t& isa, int64_t activation_bits) {
+  const int64_t best = BestIsa();
+  if (isa == kAuto) isa = best;
+  if (isa < kScalar || isa > best) {
+    return ffi::Error::InvalidArgument(op + ": isa " + std::to_string(isa) + " is not one this CPU has (best " +
+                                       std::to_string(best) + ")");
+  }
+  if (activation_bits != 8 && activation_bits != 16 && activation_bits != 32) {
+    return ffi::Error::InvalidArgument(op + ": activation_bits " + std::to_string(activation_bits) +
+                                       " must be 8, 16 or 32");
+  }
+  return std::nullopt;
+}
+
 // The batch dims of one operand: size per dim (1: broadcast) over the output's batch dims.
 struct Operand {
   ffi::Span<const int64_t> dims;
@@ -471,16 +487,7 @@ ffi::Error QMatmul(ffi::ThreadPool pool, Layout layout, ffi::Buffer<ffi::F32> x,
                                        Shape(values.dimensions()) + ", scales " + Shape(scales.dimensions()) +
                                        ", y " + Shape(out_dims) + " do not match");
   }
-  const int64_t best = BestIsa();
-  if (isa == kAuto) isa = best;
-  if (isa < kScalar || isa > best) {
-    return ffi::Error::InvalidArgument("qmatmul: isa " + std::to_string(isa) + " is not one this CPU has (best " +
-                                       std::to_string(best) + ")");
-  }
-  if (activation_bits != 8 && activation_bits != 16 && activation_bits != 32) {
-    return ffi::Error::InvalidArgument("qmatmul: activation_bits " + std::to_string(activation_bits) +
-                                       " must be 8, 16 or 32");
-  }
+  if (std::optional<ffi::Error> bad = CheckIsaAndBits("qmatmul", isa, activation_bits)) return *bad;
   threads = UsableThreads(pool, threads);
 
   ffi::Span<const int64_t> batch(out_dims.begin(), rank - 2);
@@ -568,12 +575,7 @@ ffi::Error QMatmulMany(ffi::ThreadPool pool, Layout layout, ffi::Buffer<ffi::F32
                                        std::to_string(parts.size()) + " parts, " + std::to_string(ys.size()) +
                                        " results)");
   }
-  const int64_t best = BestIsa();
-  if (isa == kAuto) isa = best;
-  if (isa < kScalar || isa > best || (activation_bits != 8 && activation_bits != 16 && activation_bits != 32)) {
-    return ffi::Error::InvalidArgument("qmatmul_many: isa " + std::to_string(isa) + " (best " + std::to_string(best) +
-                                       ") or activation_bits " + std::to_string(activation_bits) + " not usable");
-  }
+  if (std::optional<ffi::Error> bad = CheckIsaAndBits("qmatmul_many", isa, activation_bits)) return *bad;
   const int64_t m = x_dims[0], k = x_dims[1], blocks = k / kBlock;
   std::vector<Product> products;
   for (size_t j = 0; j < ys.size(); ++j) {
