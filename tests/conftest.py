@@ -13,6 +13,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 TEST_COMPILATION_CACHE = os.path.join(tempfile.gettempdir(), "jaxinfer-tests-xla-cache")
 os.environ["JAXINFER_COMPILATION_CACHE"] = TEST_COMPILATION_CACHE
 os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+# Every engine of the tests asserts the scheduler's invariants after each schedule (jaxinfer.Engine's
+# check_invariants; off by default, as they cost host time that grows with the pool).
+os.environ["JAXINFER_CHECK_INVARIANTS"] = "1"
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -238,6 +238,18 @@ def test_bad_engine_settings_are_named(tiny, kwargs, message):
         jaxinfer.Engine(tiny, **kwargs)
 
 
+def test_invariant_checks_are_off_unless_asked(tiny, monkeypatch):
+    """Host work that grows with the pool: off by default, on where $JAXINFER_CHECK_INVARIANTS is 1 (conftest sets
+    it for every test's engine); the argument wins."""
+    def checks(**kwargs):
+        return jaxinfer.Engine(tiny, max_slots=1, warm_up=False, **kwargs).scheduler.check_invariants
+
+    assert checks()
+    monkeypatch.delenv("JAXINFER_CHECK_INVARIANTS")
+    assert not checks()
+    assert checks(check_invariants=True)
+
+
 def test_engine_generate_returns_generate_outputs(tiny):
     prompts = random_prompts(tiny.cfg.vocab_size, [3, 30, 9], seed=4)
     engine = jaxinfer.Engine(tiny, max_slots=2, max_tokens_per_step=32, page_size=8)
