@@ -54,7 +54,8 @@ def load_model(
     the vocabulary, and not exceed the devices; a bad N raises ValueError naming it.
     progress: True draws a bar on stderr; a callable gets (tensors done, total).
     layout: "scanned" (layer weights stacked, one scan body) or "unrolled" (per layer); None: the platform's
-    measured default (jaxinfer.model.DEFAULT_LAYOUT). Tokens and logits are the same either way. A GGUF whose
+    measured default (jaxinfer.model.layout_for_platform: scanned, except on a CPU where XLA's dots read bfloat16 or
+    float16 weights, or the CPU kernels did not build). Tokens and logits are the same either way. A GGUF whose
     layers store a field in different block types (llama.cpp's Q4_K_M) loads unrolled.
     quantize: how the weights are held (jaxinfer.quant). "auto" keeps a quantized file's blocks as stored
     (GGUF Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) and leaves float weights float; "none" dequantizes everything to
@@ -113,7 +114,7 @@ class Checkpoint:
         cfg, params, tokenizer, mesh = self._load(dtype, tensor_parallel, mesh, progress, quantize)
         if layout is None and model.layout_of(params) == "unrolled":
             layout = "unrolled"  # layers held in different layouts (params_from_leaves): they cannot be stacked
-        layout = layout or model.layout_for_platform(quantized=model.is_quantized(params))
+        layout = layout or model.layout_for_platform(quantized=model.is_quantized(params), dtype=cfg.dtype)
         return Model(cfg, model.with_layout(params, layout), tokenizer, mesh, kv_cache_dtype)
 
     def held_bytes(self, dtype: str | None = None, quantize: str = "auto") -> int:
@@ -206,7 +207,7 @@ def random_model(
         params = model.init_params(cfg, key, quantize=quantize)
     else:
         params = sharding.init_params(cfg, key, mesh, quantize)
-    layout = layout or model.layout_for_platform(quantized=quantize in quant.MODES)
+    layout = layout or model.layout_for_platform(quantized=quantize in quant.MODES, dtype=cfg.dtype)
     return Model(cfg, model.with_layout(params, layout), mesh=mesh, kv_cache_dtype=kv_cache_dtype)
 
 

@@ -5,7 +5,9 @@ loaders and orbax produce), run as one `lax.scan` body (one layer traced and com
 tuple of L per-layer Layers, unrolled into the program (L copies of the layer: several times the compile time).
 The layout is the pytree's structure, so it is static under jit. Unrolled exists because XLA:CPU copies each
 layer's slice of the stacked weights out before its matmuls, which made a scanned decode step ~40% slower on
-the CPU (profiles/README.md); `layout_for_platform` picks by measurement. The KV cache is stacked either way.
+the CPU (profiles/README.md); where the CPU kernels read the weights, the scan body passes them the whole stack and
+the layer index instead (layer_at), and scanned is the faster. `layout_for_platform` picks by measurement. The KV
+cache is stacked either way.
 
 Einsum letters: B batch, T query length, S key length, D d_model, F ffn, N q heads, K kv heads,
 G = N // K, H head_dim, V vocab, L layers.
@@ -61,6 +63,22 @@ class Layer:
     w_down: Weight  # [F, D]
 
 
+PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # Layer's Weight fields: the matmuls
+
+
+def layer_at(layers: Layer, index: jax.Array, matmul: str | None, rows: int) -> Layer:
+    """Layer `index` of the stacked layers, as the scan body uses it: each projection a CPU kernel contracts at
+    `rows` rows of activations (quant.kernel_reads) stays whole, quant.LayerOf(stack, index), read where it lies;
+    every other field is sliced."""
+
+    def field(name: str, stack):
+        if name in PROJECTIONS and quant.kernel_reads(stack, matmul, rows):
+            return quant.LayerOf(stack, index)
+        return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, 0, keepdims=False), stack)
+
+    return Layer(**{f.name: field(f.name, getattr(layers, f.name)) for f in dataclasses.fields(Layer)})
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Params:
@@ -71,8 +89,8 @@ class Params:
 
 
 LAYOUTS = ("scanned", "unrolled")
-# Chosen by measurement (profiles/README.md): on the CPU the scanned decode step ran ~40% slower (XLA:CPU copies
-# each layer's weight slice before its dots); elsewhere scanning, for its compile time, until a GPU measures.
+# Chosen by measurement (profiles/README.md): on the CPU without the kernels the scanned decode step ran ~40% slower
+# (XLA:CPU copies each layer's weight slice before its dots); elsewhere scanning, for its compile time.
 DEFAULT_LAYOUT = {"cpu": "unrolled"}
 
 
@@ -80,15 +98,20 @@ DEFAULT_LAYOUT = {"cpu": "unrolled"}
 # at the start of the program (quant.after ties each layer to its input now), and the scanned int8 / int4 decode
 # step ran as fast or faster (profiles/README.md, "Quantized weights").
 QUANTIZED_LAYOUT: dict[str, str] = {}
-# Through the CPU kernels (jaxinfer.cpu_kernels, where they built): unrolled, as float weights are. Under lax.scan
-# each layer's slice of a stacked weight is copied before a custom call reads it (a 49152 x 576 q4_0 matvec:
-# 4.37 ms on a scanned slice, 1.49 ms on the array itself).
-KERNEL_LAYOUT = {"cpu": "unrolled"}
+# Through the CPU kernels (jaxinfer.cpu_kernels, where they built; they read quantized and float32 weights):
+# scanned. The scan body hands a kernel the whole stack and the layer index (layer_at: a sliced operand of a custom
+# call is copied first). Measured on the default model (2026-12-03, interleaved, profiles/probes/cpu_layout_decode.py):
+# Q4_1 scanned ran faster than unrolled (generate 128-157 vs 118-123 tok/s, the engine's decode step 10.8-12.5 vs
+# 14.8-15.5 ms: 26 arguments to pass a step, not 693) and compiled in about half the time (4.1 vs 7.4 s); float32
+# within 3% (37.3 / 37.2 vs 37.8 / 35.8 tok/s; unrolled on XLA's dots 30.3 / 28.6), compiling in 5.7 s vs 9.5.
+KERNEL_LAYOUT = {"cpu": "scanned"}
 
 
-def layout_for_platform(platform: str | None = None, quantized: bool = False) -> str:
+def layout_for_platform(platform: str | None = None, quantized: bool = False, dtype: str = "float32") -> str:
+    """The default layout of a model's layers on `platform` (None: jax's default backend); dtype: the float weights'
+    (bfloat16 ones go through XLA's dots: unrolled on the CPU)."""
     platform = platform or jax.default_backend()
-    if quantized and platform in KERNEL_LAYOUT and cpu_kernels.available():
+    if (quantized or dtype == "float32") and platform in KERNEL_LAYOUT and cpu_kernels.available():
         return KERNEL_LAYOUT[platform]
     table = QUANTIZED_LAYOUT if quantized else DEFAULT_LAYOUT
     return table.get(platform, "scanned")
@@ -438,16 +461,18 @@ def forward_rows(
             with jax.named_scope(f"layer_{i}"):
                 x, pool = _decoder_layer_call(layer, cfg, x, pool, jnp.int32(i), **layer_args)
     else:
-        # The whole stacked cache is carried (the scatter of each layer's K/V into it is in place); the weights are
-        # scanned over, layer i's slice in the body. In a trace, each iteration of the scan's while loop is a layer.
-        def body(carry, layer_and_index):
+        # The whole stacked cache is carried (the scatter of each layer's K/V into it is in place). Layer i's
+        # weights: those a CPU kernel contracts stay whole, read where they lie (layer_at), the others are sliced.
+        # In a trace, each iteration of the scan's while loop is a layer.
+        tokens = x.shape[0] * x.shape[1]  # x [1, N, D]: every projection of a layer meets N rows
+
+        def body(carry, i):
             x, pool = carry
-            layer, i = layer_and_index
+            layer = layer_at(params.layers, i, runtime.quantized_matmul, tokens)
             with jax.named_scope("layer"):
                 return decoder_layer(layer, cfg, x, pool, i, **layer_args), None
 
-        indices = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        (x, pool), _ = jax.lax.scan(body, (x, pool), (params.layers, indices))
+        (x, pool), _ = jax.lax.scan(body, (x, pool), jnp.arange(cfg.num_layers, dtype=jnp.int32))
     x = rms_norm(x, params.final_norm, cfg.norm_eps)
     lengths = cache.lengths
     for r, g in zip(rows, groups):  # a row without tokens (padding) leaves its sequence's length alone

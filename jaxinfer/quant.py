@@ -40,6 +40,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxinfer import cpu_kernels
+from jaxinfer.cpu_kernels import fmatmul as cpu_fmatmul
 from jaxinfer.cpu_kernels import qmatmul as cpu_qmatmul
 from jaxinfer.quant_modes import KERNEL_ACTIVATIONS, MODES, QUANTIZE_CHOICES, QUANTIZED_MATMULS
 
@@ -298,6 +299,45 @@ def is_quant(x) -> bool:
     return isinstance(x, QuantArray)
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["stack", "index"], meta_fields=[])
+@dataclasses.dataclass
+class LayerOf:
+    """Layer `index` ([] int32, traced in a scan body) of a stacked weight (a QuantArray with parts [L, ...], or a
+    float array [L, ...]), not sliced out: a CPU kernel reads that layer where the stack lies. XLA:CPU copies a sliced
+    operand of a custom call first (a 49152 x 576 q4_0 matvec: 4.37 ms on a scanned slice, 1.49 ms on the array).
+    XLA's path slices it (`sliced`)."""
+
+    stack: QuantArray | jax.Array
+    index: jax.Array
+
+    def sliced(self) -> QuantArray | jax.Array:
+        def take(p):
+            return jax.lax.dynamic_index_in_dim(p, self.index, 0, keepdims=False)
+
+        return self.stack.map_parts(take) if is_quant(self.stack) else take(self.stack)
+
+    def shaped(self) -> QuantArray | jax.ShapeDtypeStruct:
+        """One layer's shapes and dtypes (nothing read): what einsum checks."""
+        def one(p):
+            return jax.ShapeDtypeStruct(p.shape[1:], p.dtype)
+
+        return self.stack.map_parts(one) if is_quant(self.stack) else one(self.stack)
+
+
+def kernel_reads(w, matmul: str | None, rows: int) -> bool:
+    """Whether a CPU kernel contracts this weight (one layer's, or a stack's: its layers') at `rows` rows of
+    activations: a QuantArray through the quantized matmul (kernel_activations), a float32 array through the float
+    one (float_kernel)."""
+    if is_quant(w):
+        return kernel_activations(w, matmul, rows) is not None
+    return float_kernel(w, matmul, rows)
+
+
+def _one_layer(w):
+    """(w as einsum checks it: one layer's QuantArray, or its shapes for a LayerOf; the LayerOf or None)."""
+    return (w.shaped(), w) if isinstance(w, LayerOf) else (w, None)
+
+
 def dequantize_storage(w: QuantArray) -> jax.Array:
     """-> [*lead, *out, C] in w.dtype: the stored layout, float."""
     return w.spec.decode(w.parts).astype(w.dtype)
@@ -355,21 +395,30 @@ def kernel_activations(w, matmul: str | None, rows: int | None = None) -> str | 
     return KERNEL_ACTIVATIONS[matmul]
 
 
+# Float32 weights through the CPU kernel (cpu_kernels.fmatmul) up to this many rows of activations; XLA's dot from
+# there on. Measured on the default model's shapes (2 cores, AVX2): see profiles/README.md.
+FLOAT_KERNEL_MAX_ROWS = 16
+
+
+def float_kernel(w, matmul: str | None, rows: int | None) -> bool:
+    """Whether the CPU kernel contracts this float weight: float32, on the CPU where the kernels built, at most
+    FLOAT_KERNEL_MAX_ROWS rows of activations, and `matmul` (Runtime.quantized_matmul) not "xla"."""
+    return (matmul != "xla" and w.dtype == jnp.float32 and rows is not None and rows <= FLOAT_KERNEL_MAX_ROWS
+            and jax.default_backend() == "cpu" and cpu_kernels.available())
+
+
 def einsum(spec: str, x: jax.Array, w, *, matmul: str | None = None, **kwargs) -> jax.Array:
-    """jnp.einsum(spec, x, w) for a float w or a QuantArray w (its logical layout in spec; no lead axis).
+    """jnp.einsum(spec, x, w) for a float w or a QuantArray w (its logical layout in spec; no lead axis), or a
+    LayerOf (one layer of a stack: the kernel reads it in place, XLA's path slices it).
 
     Several contracted dims are flattened into one first (wo's "BTNH,NHD->BTD" is one [.., N*H] x [N*H, D] dot:
     contracting two dims made XLA:CPU transpose-copy the weight every step). A QuantArray goes to the CPU kernel
     where `matmul` (Runtime.quantized_matmul) and kernel_activations say so; otherwise it is dequantized in its
     stored layout and contracted there (XLA's dequantize-and-dot), never held dequantized past its dot."""
     lhs, rhs, out, contracted = _spec_parts(spec)
+    w, of = _one_layer(w)
     if not is_quant(w):
-        if len(contracted) == 1:
-            return jnp.einsum(spec, x, w, **kwargs)
-        x, lhs = _merge(x, lhs, contracted)
-        at = rhs.index(contracted)
-        w = w.reshape(*w.shape[:at], -1, *w.shape[at + len(contracted) :])
-        return jnp.einsum(f"{lhs},{rhs.replace(contracted, contracted[0])}->{out}", x, w, **kwargs)
+        return _float_einsum(lhs, rhs, out, contracted, x, w, of, matmul, kwargs)
     if w.lead_ndim:
         raise ValueError(f"einsum takes one layer's weight, got a stacked {w.layout} of shape {w.shape}")
     expected = _stored_contraction(w, rhs, contracted)
@@ -379,7 +428,9 @@ def einsum(spec: str, x: jax.Array, w, *, matmul: str | None = None, **kwargs) -
     activations = kernel_activations(w, matmul, _rows(x, lhs, contracted[0]))
     if activations is not None:
         dtype = kwargs.get("preferred_element_type") or jnp.result_type(x.dtype, w.dtype)
-        return _kernel_einsum(lhs, rhs.replace(contracted, ""), contracted[0], out, x, w, activations, dtype)
+        return _kernel_einsum(lhs, rhs.replace(contracted, ""), contracted[0], out, x, w, of, activations, dtype)
+    if of is not None:
+        w = of.sliced()
     spec = f"{lhs},{rhs.replace(contracted, '')}{contracted[0]}->{out}"  # w as stored: the out letters, then C
     if w.spec.decode_halves is None:
         return jnp.einsum(spec, x, dequantize_storage(w), **kwargs)
@@ -390,6 +441,29 @@ def einsum(spec: str, x: jax.Array, w, *, matmul: str | None = None, **kwargs) -
     halves = [jnp.take(runs, i, axis=at + 1).reshape(*x.shape[:at], -1, *x.shape[at + 1 :]) for i in (0, 1)]
     weights = [h.astype(w.dtype) for h in w.spec.decode_halves(w.parts)]
     return sum(jnp.einsum(spec, xh, wh, **kwargs) for xh, wh in zip(halves, weights))
+
+
+def _float_einsum(lhs: str, rhs: str, out: str, contracted: str, x: jax.Array, w, of: LayerOf | None, matmul, kwargs):
+    """einsum of a float weight (w one layer's, or its shapes when of holds the stack): several contracted dims merged
+    into one, then the CPU kernel where float_kernel says so and w holds them first or last, else XLA's dot."""
+    x, lhs = _merge(x, lhs, contracted)
+    c, at = contracted[0], rhs.index(contracted)
+    w_rhs = rhs.replace(contracted, c)
+    merged = (*w.shape[:at], math.prod(w.shape[at : at + len(contracted)]), *w.shape[at + len(contracted) :])
+    if (w_rhs[0] == c or w_rhs[-1] == c) and float_kernel(w, matmul, _rows(x, lhs, c)):
+        first, w_out = w_rhs[0] == c, w_rhs.replace(c, "")
+        out_shape = merged[1:] if first else merged[:-1]
+        own = (merged[0], math.prod(out_shape)) if first else (math.prod(out_shape), merged[-1])  # [K, N] / [N, K]
+        stack = of.stack.reshape(of.stack.shape[0], *own) if of is not None else w.reshape(own)
+        x, x_rest = _contracted_last(lhs, c, x)
+        y = cpu_fmatmul.fmatmul(x.astype(jnp.float32), stack, contract_first=first,
+                                layer=None if of is None else of.index)  # [..., N]
+        y = y.reshape(*y.shape[:-1], *out_shape)
+        y = y if f"{x_rest}{w_out}" == out else jnp.einsum(f"{x_rest}{w_out}->{out}", y)
+        return y.astype(kwargs.get("preferred_element_type") or jnp.result_type(x.dtype, w.dtype))
+    if of is not None:
+        w = of.sliced()
+    return jnp.einsum(f"{lhs},{w_rhs}->{out}", x, w.reshape(merged), **kwargs)
 
 
 def _spec_parts(spec: str) -> tuple[str, str, str, str]:
@@ -404,11 +478,14 @@ def _stored_contraction(w: QuantArray, rhs: str, contracted: str) -> str:
     return rhs[: len(contracted)] if w.contract_first else rhs[len(rhs) - len(contracted) :]
 
 
-def _kernel_einsum(lhs: str, w_out: str, c: str, out: str, x: jax.Array, w: QuantArray, activations: str, dtype):
-    """x (subscripts lhs, contracting the one letter c) against w stored [*w_out, C], through the CPU kernel:
-    x's c moved last, w's out dims flattened to the kernel's N, the result's letters put in out's order."""
+def _kernel_einsum(lhs: str, w_out: str, c: str, out: str, x: jax.Array, w: QuantArray, of: LayerOf | None,
+                   activations: str, dtype):
+    """x (subscripts lhs, contracting the one letter c) against w stored [*w_out, C] (or layer of.index of of.stack),
+    through the CPU kernel: x's c moved last, w's out dims flattened to the kernel's N, the result's letters put in
+    out's order."""
     x, x_rest = _contracted_last(lhs, c, x)
-    y = cpu_qmatmul.qmatmul(x, w.layout, _kernel_parts(w), activations=activations)  # [..., N] float32
+    parts, layer = _kernel_parts(w, of)
+    y = cpu_qmatmul.qmatmul(x, w.layout, parts, layer=layer, activations=activations)  # [..., N] float32
     return _kernel_result(y, w, x_rest, w_out, out, dtype)
 
 
@@ -418,10 +495,13 @@ def _contracted_last(lhs: str, c: str, x: jax.Array) -> tuple[jax.Array, str]:
     return (x if lhs.endswith(c) else jnp.einsum(f"{lhs}->{x_rest}{c}", x)), x_rest
 
 
-def _kernel_parts(w: QuantArray) -> dict[str, jax.Array]:
-    """w's parts [*out, n] -> [N, n], the kernel's rows."""
+def _kernel_parts(w: QuantArray, of: LayerOf | None = None) -> tuple[dict[str, jax.Array], jax.Array | None]:
+    """(w's parts [*out, n] -> [N, n], the kernel's rows; None), or for a LayerOf (its stack's parts [L, N, n], its
+    index)."""
     rows = math.prod(w.out_shape)
-    return {name: p.reshape(rows, p.shape[-1]) for name, p in w.parts.items()}
+    if of is None:
+        return {name: p.reshape(rows, p.shape[-1]) for name, p in w.parts.items()}, None
+    return {name: p.reshape(p.shape[0], rows, p.shape[-1]) for name, p in of.stack.parts.items()}, of.index
 
 
 def _kernel_result(y: jax.Array, w: QuantArray, x_rest: str, w_out: str, out: str, dtype) -> jax.Array:
@@ -440,9 +520,12 @@ def einsums(specs: list[str], x: jax.Array, ws: list, *, matmul: str | None = No
         return [einsum(spec, x, w, matmul=matmul, **kwargs) for spec, w in zip(specs, ws)]
     x, x_lhs, c, activations, outs = fused
     x, x_rest = _contracted_last(x_lhs, c, x)
-    ys = cpu_qmatmul.qmatmul_many(x, ws[0].layout, [_kernel_parts(w) for w in ws], activations=activations)
+    layers = [_one_layer(w) for w in ws]
+    parts = [_kernel_parts(w, of) for w, of in layers]
+    ys = cpu_qmatmul.qmatmul_many(x, layers[0][0].layout, [p for p, _ in parts], layer=parts[0][1],
+                                  activations=activations)
     results = []
-    for y, w, (w_out, out) in zip(ys, ws, outs):
+    for y, (w, _), (w_out, out) in zip(ys, layers, outs):
         dtype = kwargs.get("preferred_element_type") or jnp.result_type(x.dtype, w.dtype)
         results.append(_kernel_result(y, w, x_rest, w_out, out, dtype))
     return results
@@ -451,8 +534,13 @@ def einsums(specs: list[str], x: jax.Array, ws: list, *, matmul: str | None = No
 def _fused_kernel_call(specs, x, ws, matmul):
     """(x with its contracted dims merged, its subscripts, the contracted letter, activations, [(w's out letters,
     out)] per weight) where one kernel call can contract x with every w (see einsums); else None."""
-    if len(ws) < 2 or not all(is_quant(w) and not w.lead_ndim for w in ws):
+    if len(ws) < 2 or len({type(w) for w in ws}) != 1 or not isinstance(ws[0], (QuantArray, LayerOf)):
         return None
+    if isinstance(ws[0], LayerOf) and any(w.index is not ws[0].index for w in ws):
+        return None  # one call reads one layer of every stack, by the one index
+    ws = [_one_layer(w)[0] for w in ws]
+    if not all(is_quant(w) and not w.lead_ndim for w in ws):
+        return None  # float weights: one einsum each
     parsed = []
     for spec, w in zip(specs, ws):
         lhs, rhs, out, contracted = _spec_parts(spec)

@@ -227,6 +227,30 @@ def test_stacked_weights_and_a_layer_index(layout):
         qm.qmatmul(x, layout, stacked, layer=jnp.zeros(2, jnp.int32))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_many_stacked_weights_and_a_layer_index(layout):
+    """qmatmul_many's layer=: one layer of every stack, under scan the stacks unsliced; each result is qmatmul's of
+    that layer, bit for bit."""
+    layers = 3
+    stacks = [random_parts(layout, n, K, seed=n, lead=(layers,)) for n in (19, 40)]
+    x = random_x(2)
+
+    def step(carry, i):
+        return carry, qm.qmatmul_many(x, layout, stacks, layer=i, activations="int16")
+
+    _, ys = jax.jit(lambda: jax.lax.scan(step, 0, jnp.arange(layers)))()
+    for i in range(layers):
+        for stack, y in zip(stacks, ys):
+            want = qm.qmatmul(x, layout, {k: v[i] for k, v in stack.items()}, activations="int16")
+            np.testing.assert_array_equal(np.asarray(y[i]), np.asarray(want))
+    with pytest.raises(Exception, match="outside the stack"):
+        jax.block_until_ready(qm.qmatmul_many(x, layout, stacks, layer=jnp.int32(-1)))
+    with pytest.raises(ValueError, match="different numbers of layers"):
+        qm.qmatmul_many(x, layout, [stacks[0], {k: v[:2] for k, v in stacks[1].items()}], layer=0)
+    with pytest.raises(ValueError, match=r"\[L, N, n\]"):
+        qm.qmatmul_many(x, layout, [{k: v[0] for k, v in stacks[0].items()}], layer=0)
+
+
 def test_vmap():
     parts = random_parts("int4_g32_min", 13, K, lead=(3,))
     x = random_x(12, K).reshape(3, 4, K)

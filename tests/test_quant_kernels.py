@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -157,8 +158,48 @@ def test_after_leaves_kernel_weights_alone():
     assert quant.after(kernel_w, x, "xla").parts["scales"] is not kernel_w.parts["scales"]
 
 
-def test_quantized_models_load_unrolled_where_the_kernels_run():
-    """Under lax.scan a custom call's operand slice is copied every step: the kernel's models are unrolled."""
-    assert model_lib.layout_of(jaxinfer.random_model(CFG, quantize="int4").params) == "unrolled"
-    assert model_lib.layout_for_platform("cpu", quantized=True) == "unrolled"
+def test_scanned_layers_hand_the_kernel_whole_stacks():
+    """Quantized models load scanned, and the scan body passes each weight the kernel reads as its whole stack
+    [L, N, n] with the layer index (quant.LayerOf): a sliced operand of a custom call is copied every step."""
+    model = jaxinfer.random_model(CFG, quantize="int4")
+    assert model_lib.layout_of(model.params) == "scanned"
+    assert model_lib.layout_for_platform("cpu", quantized=True) == "scanned"
     assert model_lib.layout_for_platform("gpu", quantized=True) == "scanned"
+    calls = [line for line in _forward_program(model, None).splitlines() if f"custom_call @{KERNEL_CALL}" in line]
+    stacked_codes = re.compile(rf"tensor<{CFG.num_layers}x\d+x\d+xui8>")  # the values part of an [L, N, n] stack
+    assert CFG.num_layers > 1 and sum(bool(stacked_codes.search(line)) for line in calls) == 4, calls
+    # q/k/v, o, gate/up and down, each one call in the scan body; the head's table is the fifth call
+
+
+FLOAT_CALL = "jaxinfer_fmatmul"
+
+
+def test_float32_weights_go_to_the_float_kernel_up_to_its_rows():
+    """float32 weights load scanned too, each projection passed to the float kernel as its whole stack; from
+    quant.FLOAT_KERNEL_MAX_ROWS + 1 rows on, under quantized_matmul="xla" and for bfloat16 weights: XLA's dots."""
+    model = jaxinfer.random_model(CFG)
+    assert model_lib.layout_of(model.params) == "scanned"
+    calls = [line for line in _forward_program(model, None, tokens=3).splitlines()
+             if f"custom_call @{FLOAT_CALL}" in line]
+    stacked = re.compile(rf"tensor<{CFG.num_layers}x\d+x\d+xf32>")
+    assert sum(bool(stacked.search(line)) for line in calls) == 7, calls  # the projections, one call each
+    assert len(calls) == 8  # and the head
+    assert FLOAT_CALL not in _forward_program(model, "xla", tokens=3)
+    assert FLOAT_CALL not in _forward_program(model, None, tokens=quant.FLOAT_KERNEL_MAX_ROWS + 1)
+    bf16 = jaxinfer.random_model(CFG, dtype="bfloat16")
+    assert model_lib.layout_of(bf16.params) == "unrolled"
+    assert FLOAT_CALL not in _forward_program(bf16, None, tokens=3)
+
+
+@pytest.mark.parametrize("layout", ["scanned", "unrolled"])
+def test_float_kernel_computes_xla_s_function(layout):
+    """Decode-sized scoring (every matmul through the kernel) equals XLA's dots up to the order of sums; greedy
+    tokens are the same."""
+    model = jaxinfer.random_model(CFG, layout=layout)
+    xla = dataclasses.replace(model, quantized_matmul="xla")
+    (ids,) = random_prompts(CFG.vocab_size, [quant.FLOAT_KERNEL_MAX_ROWS], seed=9)
+    want = np.asarray(jaxinfer.score(xla, ids))
+    np.testing.assert_allclose(jaxinfer.score(model, ids), want, atol=1e-5 * max(1.0, np.abs(want).max()), rtol=0)
+    greedy = jaxinfer.SamplingParams(temperature=0.0)
+    assert ([o.tokens for o in jaxinfer.generate(model, [ids], max_new_tokens=8, sampling=greedy)]
+            == [o.tokens for o in jaxinfer.generate(xla, [ids], max_new_tokens=8, sampling=greedy)])

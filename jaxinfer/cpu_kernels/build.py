@@ -58,8 +58,9 @@ MODES = ("auto", "on", "off")
 
 SOURCE_DIR = Path(__file__).resolve().parent
 # every file the build reads: all of them go into the hash
-SOURCES = ("parallel_for.h", "qmatmul.cc", "qmatmul_x86.inc", "paged_attention.cc", "paged_attention_tile.inc")
-MAIN_SOURCES = ("qmatmul.cc", "paged_attention.cc")  # the translation units
+SOURCES = ("parallel_for.h", "qmatmul.cc", "qmatmul_x86.inc", "fmatmul.cc", "paged_attention.cc",
+           "paged_attention_tile.inc")
+MAIN_SOURCES = ("qmatmul.cc", "fmatmul.cc", "paged_attention.cc")  # the translation units
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
 # FFI handler symbol -> the target name jax.ffi.ffi_call uses.
 HANDLERS = {
@@ -69,6 +70,7 @@ HANDLERS = {
     "jaxinfer_qmatmul_many_q8_0": "jaxinfer_qmatmul_many_q8_0",
     "jaxinfer_qmatmul_many_q4_0": "jaxinfer_qmatmul_many_q4_0",
     "jaxinfer_qmatmul_many_int4_g32_min": "jaxinfer_qmatmul_many_int4_g32_min",
+    "jaxinfer_fmatmul": "jaxinfer_fmatmul",
     "jaxinfer_paged_attention": "jaxinfer_paged_attention",
 }
 BUILD_TIMEOUT_S = 600

@@ -561,22 +561,26 @@ ffi::Error QMatmulQ4_1(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   return QMatmul(pool, Layout::kQ4_1, x, layer, values, scales, &mins, y, threads, isa, activation_bits);
 }
 
-// x [M, K] f32 against several weights of one layout, unstacked (a layer's q, k, v; its gate and up): the remaining
-// args are each weight's parts in the layout's order (values, scales[, mins]), the results y_j [M, N_j] f32. One
-// call: x quantized once, every weight's row chunks shared among the threads.
-ffi::Error QMatmulMany(ffi::ThreadPool pool, Layout layout, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs parts,
-                       ffi::RemainingRets ys, int64_t threads, int64_t isa, int64_t activation_bits) {
+// x [M, K] f32 against several weights of one layout (a layer's q, k, v; its gate and up), each the layer `layer`
+// ([] int32) of its stack: the remaining args are each weight's parts [L, N_j, n] in the layout's order (values,
+// scales[, mins]), the results y_j [M, N_j] f32. One call: x quantized once, every weight's row chunks shared among
+// the threads. (An unstacked weight comes as a stack of one: [1, N_j, n], layer 0.)
+ffi::Error QMatmulMany(ffi::ThreadPool pool, Layout layout, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer,
+                       ffi::RemainingArgs parts, ffi::RemainingRets ys, int64_t threads, int64_t isa,
+                       int64_t activation_bits) {
   const int64_t per_weight = layout == Layout::kQ4_1 ? 3 : 2, codes_per_byte = layout == Layout::kQ8_0 ? 1 : 2;
   const auto x_dims = x.dimensions();
-  if (x_dims.size() != 2 || x_dims[1] % kBlock != 0 || ys.size() == 0 ||
+  if (x_dims.size() != 2 || x_dims[1] % kBlock != 0 || layer.dimensions().size() != 0 || ys.size() == 0 ||
       parts.size() != ys.size() * static_cast<size_t>(per_weight)) {
-    return ffi::Error::InvalidArgument("qmatmul_many: x " + Shape(x_dims) + " must be [M, K], K a multiple of 32, with " +
+    return ffi::Error::InvalidArgument("qmatmul_many: x " + Shape(x_dims) + " must be [M, K], K a multiple of 32, " +
+                                       "layer " + Shape(layer.dimensions()) + " a scalar, with " +
                                        std::to_string(per_weight) + " parts per result (" +
                                        std::to_string(parts.size()) + " parts, " + std::to_string(ys.size()) +
                                        " results)");
   }
   if (std::optional<ffi::Error> bad = CheckIsaAndBits("qmatmul_many", isa, activation_bits)) return *bad;
-  const int64_t m = x_dims[0], k = x_dims[1], blocks = k / kBlock;
+  const int64_t m = x_dims[0], k = x_dims[1], blocks = k / kBlock, l = layer.typed_data()[0];
+  const int64_t row_bytes = k / codes_per_byte;
   std::vector<Product> products;
   for (size_t j = 0; j < ys.size(); ++j) {
     auto values = parts.get<ffi::AnyBuffer>(j * per_weight);
@@ -585,26 +589,33 @@ ffi::Error QMatmulMany(ffi::ThreadPool pool, Layout layout, ffi::Buffer<ffi::F32
     if (!values.has_value() || !scales.has_value() || !y.has_value()) {
       return ffi::Error::InvalidArgument("qmatmul_many: weight " + std::to_string(j) + " could not be read");
     }
-    const uint16_t* mins = nullptr;
+    std::optional<ffi::AnyBuffer> mins;
     if (per_weight == 3) {
       auto m_part = parts.get<ffi::AnyBuffer>(j * per_weight + 2);
       if (!m_part.has_value()) return ffi::Error::InvalidArgument("qmatmul_many: mins could not be read");
-      mins = static_cast<const uint16_t*>(m_part->untyped_data());
+      mins = *m_part;
     }
     const auto v_dims = values->dimensions(), y_dims = (*y)->dimensions();
-    const int64_t n = v_dims.size() == 2 ? v_dims[0] : -1;
+    const int64_t layers = v_dims.size() == 3 ? v_dims[0] : -1, n = v_dims.size() == 3 ? v_dims[1] : -1;
     const auto code_type = layout == Layout::kQ8_0 ? ffi::DataType::S8 : ffi::DataType::U8;
-    if (n < 0 || values->element_type() != code_type || scales->element_type() != ffi::DataType::F16 ||
-        v_dims[1] != k / codes_per_byte || scales->dimensions().size() != 2 ||
-        scales->dimensions()[0] != n || scales->dimensions()[1] != blocks || y_dims.size() != 2 || y_dims[0] != m ||
-        y_dims[1] != n) {
+    auto fits = [&](const ffi::AnyBuffer& part, int64_t last) {
+      return part.element_type() == ffi::DataType::F16 && PartFits(part.dimensions(), 3, layers, n, last);
+    };
+    if (n < 0 || values->element_type() != code_type || v_dims[2] != row_bytes || !fits(*scales, blocks) ||
+        (mins && !fits(*mins, blocks)) || y_dims.size() != 2 || y_dims[0] != m || y_dims[1] != n) {
       return ffi::Error::InvalidArgument("qmatmul_many: weight " + std::to_string(j) + " values " + Shape(v_dims) +
                                          ", scales " + Shape(scales->dimensions()) + ", y " + Shape(y_dims) +
                                          " do not fit x " + Shape(x_dims));
     }
-    products.push_back({Weights{layout, static_cast<const uint8_t*>(values->untyped_data()),
-                                static_cast<const uint16_t*>(scales->untyped_data()), mins, n, k, blocks,
-                                k / codes_per_byte, kBlock / codes_per_byte},
+    if (l < 0 || l >= layers) {
+      return ffi::Error::InvalidArgument("qmatmul_many: layer " + std::to_string(l) + " is outside the stack's " +
+                                         std::to_string(layers));
+    }
+    const auto* codes = static_cast<const uint8_t*>(values->untyped_data()) + l * n * row_bytes;
+    const auto* block_scales = static_cast<const uint16_t*>(scales->untyped_data()) + l * n * blocks;
+    const auto* block_mins = mins ? static_cast<const uint16_t*>(mins->untyped_data()) + l * n * blocks : nullptr;
+    products.push_back({Weights{layout, codes, block_scales, block_mins, n, k, blocks, row_bytes,
+                                kBlock / codes_per_byte},
                         static_cast<float*>((*y)->untyped_data())});
   }
   if (m > 0) {
@@ -614,19 +625,22 @@ ffi::Error QMatmulMany(ffi::ThreadPool pool, Layout layout, ffi::Buffer<ffi::F32
   return ffi::Error::Success();
 }
 
-ffi::Error QMatmulManyQ8_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs parts,
-                           ffi::RemainingRets ys, int64_t threads, int64_t isa, int64_t activation_bits) {
-  return QMatmulMany(pool, Layout::kQ8_0, x, parts, ys, threads, isa, activation_bits);
+ffi::Error QMatmulManyQ8_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer,
+                           ffi::RemainingArgs parts, ffi::RemainingRets ys, int64_t threads, int64_t isa,
+                           int64_t activation_bits) {
+  return QMatmulMany(pool, Layout::kQ8_0, x, layer, parts, ys, threads, isa, activation_bits);
 }
 
-ffi::Error QMatmulManyQ4_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs parts,
-                           ffi::RemainingRets ys, int64_t threads, int64_t isa, int64_t activation_bits) {
-  return QMatmulMany(pool, Layout::kQ4_0, x, parts, ys, threads, isa, activation_bits);
+ffi::Error QMatmulManyQ4_0(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer,
+                           ffi::RemainingArgs parts, ffi::RemainingRets ys, int64_t threads, int64_t isa,
+                           int64_t activation_bits) {
+  return QMatmulMany(pool, Layout::kQ4_0, x, layer, parts, ys, threads, isa, activation_bits);
 }
 
-ffi::Error QMatmulManyQ4_1(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs parts,
-                           ffi::RemainingRets ys, int64_t threads, int64_t isa, int64_t activation_bits) {
-  return QMatmulMany(pool, Layout::kQ4_1, x, parts, ys, threads, isa, activation_bits);
+ffi::Error QMatmulManyQ4_1(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer,
+                           ffi::RemainingArgs parts, ffi::RemainingRets ys, int64_t threads, int64_t isa,
+                           int64_t activation_bits) {
+  return QMatmulMany(pool, Layout::kQ4_1, x, layer, parts, ys, threads, isa, activation_bits);
 }
 
 }  // namespace qmm
@@ -657,6 +671,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_qmatmul_int4_g32_min, qmm::QMatmulQ4_1,
   ffi::Ffi::Bind()                       \
       .Ctx<ffi::ThreadPool>()            \
       .Arg<ffi::Buffer<ffi::F32>>()      \
+      .Arg<ffi::Buffer<ffi::S32>>()      \
       .RemainingArgs()                   \
       .RemainingRets()
 

@@ -118,9 +118,7 @@ def qmatmul(x: jax.Array, layout: str, parts: dict[str, jax.Array], *, layer: ja
     n = lead[-1]
     if layer is None:
         parts, layer = {name: p[None] for name, p in parts.items()}, 0  # [1, N, n]: a stack of one
-    layer = jnp.asarray(layer)
-    if layer.shape != () or not jnp.issubdtype(layer.dtype, jnp.integer):
-        raise ValueError(f"layer must be an integer scalar, got {layer.dtype}{list(layer.shape)}")
+    layer = _check_layer(layer)
     batch = x.shape[:-1]
     x2 = x.astype(jnp.float32).reshape(-1, k)  # [M, K]: the leading dims fold into M
     if x2.shape[0] == 0:
@@ -130,22 +128,30 @@ def qmatmul(x: jax.Array, layout: str, parts: dict[str, jax.Array], *, layer: ja
     call = jax.ffi.ffi_call(f"jaxinfer_qmatmul_{layout}", jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
                             vmap_method="expand_dims")
     build.library()  # built and registered before the call is lowered
-    y = call(x2, layer.astype(jnp.int32), *(parts[name] for name, _, _ in LAYOUTS[layout]),
+    y = call(x2, layer, *(parts[name] for name, _, _ in LAYOUTS[layout]),
              threads=np.int64(threads or 0), isa=np.int64(_isa_code(isa)),
              activation_bits=np.int64(ACTIVATION_BITS[activations]))
     return y.reshape(*batch, n)  # [M, N] -> [..., N]
 
 
-def qmatmul_many(x: jax.Array, layout: str, weights: list[dict[str, jax.Array]], *, activations: str = "int8",
-                 threads: int | None = None, isa: str | None = None) -> list[jax.Array]:
-    """[qmatmul(x, layout, w) for w in weights] in one call (a layer's q, k and v; its gate and up): x quantized once,
-    every weight's rows shared among the threads together, one hand-off to them. Each w [N_j, K] unstacked, all of
-    one layout; results float32 [..., N_j]. Works under jit and lax.scan (vmap: one call per batch element)."""
+def qmatmul_many(x: jax.Array, layout: str, weights: list[dict[str, jax.Array]], *,
+                 layer: jax.Array | int | None = None, activations: str = "int8", threads: int | None = None,
+                 isa: str | None = None) -> list[jax.Array]:
+    """[qmatmul(x, layout, w, layer=layer) for w in weights] in one call (a layer's q, k and v; its gate and up): x
+    quantized once, every weight's rows shared among the threads together, one hand-off to them. Each w [N_j, K], or
+    with layer= every w stacked [L, N_j, K] (qmatmul says why), all of one layout; results float32 [..., N_j]. Works
+    under jit and lax.scan (vmap: one call per batch element)."""
     if not weights:
         raise ValueError("qmatmul_many takes at least one weight")
     _check_call(x, activations, threads)
     k = x.shape[-1]
-    ns = [check_parts(layout, w, k)[-1] for w in weights]
+    leads = [check_parts(layout, w, k, stacked=layer is not None) for w in weights]
+    if layer is None:
+        weights, layer = [{name: p[None] for name, p in w.items()} for w in weights], 0  # stacks of one
+    elif len({lead[0] for lead in leads}) != 1:
+        raise ValueError(f"the stacked weights hold different numbers of layers: {[lead[0] for lead in leads]}")
+    layer = _check_layer(layer)
+    ns = [lead[-1] for lead in leads]
     batch = x.shape[:-1]
     x2 = x.astype(jnp.float32).reshape(-1, k)  # [M, K]
     if x2.shape[0] == 0:
@@ -157,9 +163,17 @@ def qmatmul_many(x: jax.Array, layout: str, weights: list[dict[str, jax.Array]],
                             vmap_method="sequential")
     build.library()  # built and registered before the call is lowered
     names = [name for name, _, _ in LAYOUTS[layout]]
-    ys = call(x2, *(w[name] for w in weights for name in names), threads=np.int64(threads or 0),
+    ys = call(x2, layer, *(w[name] for w in weights for name in names), threads=np.int64(threads or 0),
               isa=np.int64(_isa_code(isa)), activation_bits=np.int64(ACTIVATION_BITS[activations]))
     return [y.reshape(*batch, n) for y, n in zip(ys, ns)]
+
+
+def _check_layer(layer) -> jax.Array:
+    """layer (int or traced) -> an int32 scalar, or a ValueError naming what it is."""
+    layer = jnp.asarray(layer)
+    if layer.shape != () or not jnp.issubdtype(layer.dtype, jnp.integer):
+        raise ValueError(f"layer must be an integer scalar, got {layer.dtype}{list(layer.shape)}")
+    return layer.astype(jnp.int32)
 
 
 # --------------------------------------------------------------------------------------------
