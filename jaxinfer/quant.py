@@ -512,9 +512,12 @@ def _kernel_result(y: jax.Array, w: QuantArray, x_rest: str, w_out: str, out: st
 
 def einsums(specs: list[str], x: jax.Array, ws: list, *, matmul: str | None = None, **kwargs) -> list[jax.Array]:
     """[einsum(spec, x, w, matmul=matmul) for spec, w in zip(specs, ws)] (a layer's q, k, v; its gate and up). Where
-    the CPU kernel contracts every w the same way (one layout, x's same contracted letter, the same activations):
-    one kernel call for all of them (x quantized once, one hand-off to the threads; decode makes hundreds of calls a
-    token). Otherwise one einsum each."""
+    a CPU kernel contracts every w the same way (quantized: one layout, x's same contracted letter, the same
+    activations; float32: each w's contracted dims first): one kernel call for all of them (x quantized once, one
+    hand-off to the threads; decode makes hundreds of calls a token). Otherwise one einsum each."""
+    floats = _fused_float_call(specs, x, ws, matmul, kwargs)
+    if floats is not None:
+        return floats
     fused = _fused_kernel_call(specs, x, ws, matmul)
     if fused is None:
         return [einsum(spec, x, w, matmul=matmul, **kwargs) for spec, w in zip(specs, ws)]
@@ -528,6 +531,38 @@ def einsums(specs: list[str], x: jax.Array, ws: list, *, matmul: str | None = No
     for y, (w, _), (w_out, out) in zip(ys, layers, outs):
         dtype = kwargs.get("preferred_element_type") or jnp.result_type(x.dtype, w.dtype)
         results.append(_kernel_result(y, w, x_rest, w_out, out, dtype))
+    return results
+
+
+def _fused_float_call(specs, x, ws, matmul, kwargs) -> list[jax.Array] | None:
+    """einsums' results through one cpu_fmatmul.fmatmul_many call where every w is float32 (one layer's, or LayerOfs
+    of one index), contracted first against x's same letters, and float_kernel takes them; else None."""
+    layers = [_one_layer(w) for w in ws]
+    if len(ws) < 2 or any(is_quant(w) for w, _ in layers):
+        return None
+    ofs = [of for _, of in layers]
+    if any((of is None) != (ofs[0] is None) or (of is not None and of.index is not ofs[0].index) for of in ofs):
+        return None
+    parsed = [_spec_parts(spec) for spec in specs]
+    lhs, _, _, contracted = parsed[0]
+    if any((p[0], p[3]) != (lhs, contracted) or not p[1].startswith(contracted) for p in parsed):
+        return None
+    merged, merged_lhs = _merge(x, lhs, contracted)
+    if not all(float_kernel(w, matmul, _rows(merged, merged_lhs, contracted[0])) for w, _ in layers):
+        return None
+    x2, x_rest = _contracted_last(merged_lhs, contracted[0], merged)
+    stacks, outs = [], []
+    for (w, of), (_, rhs, out, _) in zip(layers, parsed):
+        k = math.prod(w.shape[: len(contracted)])
+        own = (k, math.prod(w.shape[len(contracted) :]))  # [K, N]
+        stacks.append(w.reshape(own) if of is None else of.stack.reshape(of.stack.shape[0], *own))
+        outs.append((w.shape[len(contracted) :], rhs[len(contracted) :], out))
+    ys = cpu_fmatmul.fmatmul_many(x2.astype(jnp.float32), stacks, layer=None if ofs[0] is None else ofs[0].index)
+    results = []
+    for y, (w, _), (out_shape, w_out, out) in zip(ys, layers, outs):
+        y = y.reshape(*y.shape[:-1], *out_shape)
+        y = y if f"{x_rest}{w_out}" == out else jnp.einsum(f"{x_rest}{w_out}->{out}", y)
+        results.append(y.astype(kwargs.get("preferred_element_type") or jnp.result_type(x.dtype, w.dtype)))
     return results
 
 

@@ -74,6 +74,22 @@ def test_stacked_weights_and_a_layer_index(contract_first):
         jax.block_until_ready(fm.fmatmul(x, stack, contract_first=contract_first, layer=jnp.int32(layers)))
 
 
+def test_many_weights_in_one_call_give_each_ones_bits():
+    """fmatmul_many (a layer's q, k and v): each result is fmatmul's of its weight, bit for bit; stacked with layer=."""
+    x = random_x(3, 160)
+    ws = [random_w(160, n, True, seed=n) for n in (37, 5, 300)]
+    many = jax.jit(lambda x, ws: fm.fmatmul_many(x, ws))(x, ws)
+    for w, y in zip(ws, many):
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(fm.fmatmul(x, w, contract_first=True)))
+    stacks = [random_w(160, n, True, seed=n, lead=(2,)) for n in (8, 24)]
+    for y, stack in zip(fm.fmatmul_many(x, stacks, layer=1), stacks):
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(fm.fmatmul(x, stack[1], contract_first=True)))
+    with pytest.raises(ValueError, match="at least one weight"):
+        fm.fmatmul_many(x, [])
+    with pytest.raises(ValueError, match=r"x's last dim 160 does not match w \(96, 8\)"):
+        fm.fmatmul_many(x, [ws[0], random_w(96, 8, True)])
+
+
 def test_leading_dims_vmap_and_empty():
     w = random_w(32, 8, True)
     x = random_x(6, 32).reshape(2, 3, 32)

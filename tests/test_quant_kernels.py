@@ -182,8 +182,9 @@ def test_float32_weights_go_to_the_float_kernel_up_to_its_rows():
     calls = [line for line in _forward_program(model, None, tokens=3).splitlines()
              if f"custom_call @{FLOAT_CALL}" in line]
     stacked = re.compile(rf"tensor<{CFG.num_layers}x\d+x\d+xf32>")
-    assert sum(bool(stacked.search(line)) for line in calls) == 7, calls  # the projections, one call each
-    assert len(calls) == 8  # and the head
+    # q/k/v in one call, o, gate/up in one, down: each with whole stacks; and the head
+    assert sum(bool(stacked.search(line)) for line in calls) == 4 and len(calls) == 5, calls
+    assert sum(f"@{FLOAT_CALL}_many" in line for line in calls) == 2
     assert FLOAT_CALL not in _forward_program(model, "xla", tokens=3)
     assert FLOAT_CALL not in _forward_program(model, None, tokens=quant.FLOAT_KERNEL_MAX_ROWS + 1)
     bf16 = jaxinfer.random_model(CFG, dtype="bfloat16")

@@ -71,6 +71,7 @@ HANDLERS = {
     "jaxinfer_qmatmul_many_q4_0": "jaxinfer_qmatmul_many_q4_0",
     "jaxinfer_qmatmul_many_int4_g32_min": "jaxinfer_qmatmul_many_int4_g32_min",
     "jaxinfer_fmatmul": "jaxinfer_fmatmul",
+    "jaxinfer_fmatmul_many": "jaxinfer_fmatmul_many",
     "jaxinfer_paged_attention": "jaxinfer_paged_attention",
 }
 BUILD_TIMEOUT_S = 600

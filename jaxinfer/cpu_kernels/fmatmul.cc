@@ -116,22 +116,50 @@ void AddPartials(const float* partials, int64_t chunks, int64_t size, float* y) 
   }
 }
 
-void ContractFirst(ffi::ThreadPool& pool, int64_t threads, int64_t isa, const Problem& p, float* y) {
-  // kRowChunks chunks (claimed as they come: a thread the host delays takes fewer) of at least 16 rows, whatever
-  // the threads: the partials, and so the bits, do not depend on them.
-  const int64_t rows = std::max<int64_t>(16, (p.k + kRowChunks - 1) / kRowChunks);
-  const int64_t chunks = (p.k + rows - 1) / rows, size = p.m * p.n;
-  thread_local std::vector<float> partials;  // the calling thread's: reused from call to call
-  partials.resize(chunks * size);
-  float* base = partials.data();
-  jaxinfer_cpu::ParallelFor(pool, threads, chunks, [&, base](int64_t c) {
-    const int64_t k0 = c * rows, k1 = std::min(p.k, k0 + rows);
+// One or more contract_first products of one x (a layer's q, k and v; its gate and up), their chunks shared among
+// the threads together: kRowChunks runs of each W's rows (at least 16 rows: the partials, and so the bits, do not
+// depend on the threads), claimed as they come (a thread the host delays takes fewer).
+void ContractFirst(ffi::ThreadPool& pool, int64_t threads, int64_t isa, const Problem* problems, float* const* ys,
+                   int64_t count) {
+  struct Chunk {
+    const Problem* p;
+    int64_t k0, k1;
+    float* partial;  // [M, N] of its own
+  };
+  thread_local std::vector<Chunk> chunks;  // the calling thread's, reused from call to call
+  thread_local std::vector<float> partials;
+  chunks.clear();
+  int64_t floats = 0;
+  for (int64_t j = 0; j < count; ++j) {
+    const Problem& p = problems[j];
+    const int64_t rows = std::max<int64_t>(16, (p.k + kRowChunks - 1) / kRowChunks);
+    floats += (p.k + rows - 1) / rows * p.m * p.n;
+  }
+  partials.resize(floats);
+  float* next = partials.data();
+  for (int64_t j = 0; j < count; ++j) {
+    const Problem& p = problems[j];
+    const int64_t rows = std::max<int64_t>(16, (p.k + kRowChunks - 1) / kRowChunks);
+    for (int64_t k0 = 0; k0 < p.k; k0 += rows, next += p.m * p.n) {
+      chunks.push_back({&p, k0, std::min(p.k, k0 + rows), next});
+    }
+  }
+  const Chunk* list = chunks.data();  // this thread's: a helper naming `chunks` would find its own, empty
+  jaxinfer_cpu::ParallelFor(pool, threads, static_cast<int64_t>(chunks.size()), [&, list](int64_t i) {
+    const Chunk& c = list[i];
 #if FMM_X86
-    if (isa >= kAvx2) return RowsAvx2(p, k0, k1, base + c * size);
+    if (isa >= kAvx2) return RowsAvx2(*c.p, c.k0, c.k1, c.partial);
 #endif
-    RowsScalar(p, k0, k1, base + c * size);
+    RowsScalar(*c.p, c.k0, c.k1, c.partial);
   });
-  AddPartials(base, chunks, size, y);
+  const Chunk* c = list;
+  for (int64_t j = 0; j < count; ++j) {  // each product's partials follow one another, in chunk order
+    const int64_t size = problems[j].m * problems[j].n;
+    int64_t n_chunks = 0;
+    while (c + n_chunks < list + chunks.size() && c[n_chunks].p == &problems[j]) ++n_chunks;
+    AddPartials(c->partial, n_chunks, size, ys[j]);
+    c += n_chunks;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------- contract_last
@@ -230,10 +258,62 @@ ffi::Error FMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   if (k == 0) {
     std::fill(y->typed_data(), y->typed_data() + m * n, 0.0f);
   } else if (contract_first) {
-    ContractFirst(pool, threads, isa, p, y->typed_data());
+    float* out = y->typed_data();
+    ContractFirst(pool, threads, isa, &p, &out, 1);
   } else {
     ContractLast(pool, threads, isa, p, y->typed_data());
   }
+  return ffi::Error::Success();
+}
+
+// x [M, K]; layer [] int32; the remaining args: weights [L, K, N_j] (contract_first); results y_j [M, N_j]: one call
+// for a layer's q, k and v (its gate and up), every product's chunks shared among the threads.
+ffi::Error FMatmulMany(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer,
+                       ffi::RemainingArgs ws, ffi::RemainingRets ys, int64_t threads, int64_t isa) {
+  const auto x_dims = x.dimensions();
+  if (x_dims.size() != 2 || layer.dimensions().size() != 0 || ws.size() == 0 || ws.size() != ys.size()) {
+    return ffi::Error::InvalidArgument("fmatmul_many: x " + Shape(x_dims) + " must be [M, K], layer " +
+                                       Shape(layer.dimensions()) + " a scalar, one weight per result (" +
+                                       std::to_string(ws.size()) + " weights, " + std::to_string(ys.size()) +
+                                       " results)");
+  }
+  const int64_t best = BestIsa();
+  if (isa == kAuto) isa = best;
+  if (isa < kScalar || isa > best) {
+    return ffi::Error::InvalidArgument("fmatmul_many: isa " + std::to_string(isa) + " is not one this CPU has (best " +
+                                       std::to_string(best) + ")");
+  }
+  const int64_t m = x_dims[0], k = x_dims[1], l = layer.typed_data()[0];
+  std::vector<Problem> problems;
+  std::vector<float*> outs;
+  for (size_t j = 0; j < ws.size(); ++j) {
+    auto w = ws.get<ffi::AnyBuffer>(j);
+    auto y = ys.get<ffi::AnyBuffer>(j);
+    if (!w.has_value() || !y.has_value()) {
+      return ffi::Error::InvalidArgument("fmatmul_many: weight " + std::to_string(j) + " could not be read");
+    }
+    const auto w_dims = w->dimensions(), y_dims = (*y)->dimensions();
+    if (w->element_type() != ffi::DataType::F32 || w_dims.size() != 3 || w_dims[1] != k || y_dims.size() != 2 ||
+        y_dims[0] != m || y_dims[1] != w_dims[2]) {
+      return ffi::Error::InvalidArgument("fmatmul_many: weight " + std::to_string(j) + " " + Shape(w_dims) +
+                                         " (f32 [L, K, N]) and y " + Shape(y_dims) + " do not fit x " +
+                                         Shape(x_dims));
+    }
+    if (l < 0 || l >= w_dims[0]) {
+      return ffi::Error::InvalidArgument("fmatmul_many: layer " + std::to_string(l) + " is outside the stack's " +
+                                         std::to_string(w_dims[0]));
+    }
+    const int64_t n = w_dims[2];
+    problems.push_back({x.typed_data(), static_cast<const float*>(w->untyped_data()) + l * k * n, m, k, n});
+    outs.push_back(static_cast<float*>((*y)->untyped_data()));
+  }
+  if (m == 0) return ffi::Error::Success();
+  if (k == 0) {
+    for (size_t j = 0; j < outs.size(); ++j) std::fill(outs[j], outs[j] + m * problems[j].n, 0.0f);
+    return ffi::Error::Success();
+  }
+  ContractFirst(pool, jaxinfer_cpu::UsableThreads(pool, threads), isa, problems.data(), outs.data(),
+                static_cast<int64_t>(problems.size()));
   return ffi::Error::Success();
 }
 
@@ -249,5 +329,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_fmatmul, fmm::FMatmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("contract_first")
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("isa"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxinfer_fmatmul_many, fmm::FMatmulMany,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
                                   .Attr<int64_t>("threads")
                                   .Attr<int64_t>("isa"));

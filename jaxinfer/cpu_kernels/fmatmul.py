@@ -47,6 +47,24 @@ def fmatmul(x: jax.Array, w: jax.Array, *, contract_first: bool, layer: jax.Arra
     (an int32 scalar, traced or not) w is a stack [L, K, N] / [L, N, K] and W its layer `layer`.
     threads: at most this many (None: one per core). Works under jit, lax.scan, vmap (one call per batch element)
     and shard_map (local shards)."""
+    k, n = _check(x, w, contract_first, layer, threads)
+    if layer is None:
+        w, layer = w[None], 0  # a stack of one
+    layer = _check_layer(layer)
+    batch = x.shape[:-1]
+    x2 = x.reshape(-1, k)  # [M, K]
+    if x2.shape[0] == 0:
+        return jnp.zeros((*batch, n), jnp.float32)
+    call = jax.ffi.ffi_call("jaxinfer_fmatmul", jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
+                            vmap_method="sequential")
+    build.library()  # built and registered before the call is lowered
+    y = call(x2, layer, w, contract_first=np.int64(contract_first), threads=np.int64(threads or 0),
+             isa=np.int64(_isa_code(isa)))
+    return y.reshape(*batch, n)
+
+
+def _check(x: jax.Array, w: jax.Array, contract_first: bool, layer, threads: int | None) -> tuple[int, int]:
+    """(K, N) of x times W, or a ValueError naming what does not fit."""
     if x.dtype != jnp.float32 or w.dtype != jnp.float32:
         raise ValueError(f"fmatmul takes float32 x and w, got {x.dtype} and {w.dtype}")
     if threads is not None and threads < 1:
@@ -60,21 +78,40 @@ def fmatmul(x: jax.Array, w: jax.Array, *, contract_first: bool, layer: jax.Arra
     if w_k != k:
         raise ValueError(f"x's last dim {k} does not match w {w.shape}'s contracted dim "
                          f"({'first' if contract_first else 'last'} of its own)")
-    if not stacked:
-        w, layer = w[None], 0  # a stack of one
+    return k, n
+
+
+def _check_layer(layer) -> jax.Array:
+    """layer (int or traced) -> an int32 scalar, or a ValueError naming what it is."""
     layer = jnp.asarray(layer)
     if layer.shape != () or not jnp.issubdtype(layer.dtype, jnp.integer):
         raise ValueError(f"layer must be an integer scalar, got {layer.dtype}{list(layer.shape)}")
+    return layer.astype(jnp.int32)
+
+
+def fmatmul_many(x: jax.Array, ws: list[jax.Array], *, layer: jax.Array | int | None = None,
+                 threads: int | None = None, isa: str | None = None) -> list[jax.Array]:
+    """[fmatmul(x, w, contract_first=True, layer=layer) for w in ws] in one call (a layer's q, k and v; its gate and
+    up): every product's chunks shared among the threads together, one hand-off to them. Each w [K, N_j], or with
+    layer= stacked [L, K, N_j]. Works under jit and lax.scan (vmap: one call per batch element)."""
+    if not ws:
+        raise ValueError("fmatmul_many takes at least one weight")
+    k = x.shape[-1]
+    for w in ws:
+        _check(x, w, True, layer, threads)
+    if layer is None:
+        ws, layer = [w[None] for w in ws], 0  # stacks of one
+    layer = _check_layer(layer)
+    ns = [w.shape[-1] for w in ws]
     batch = x.shape[:-1]
     x2 = x.reshape(-1, k)  # [M, K]
     if x2.shape[0] == 0:
-        return jnp.zeros((*batch, n), jnp.float32)
-    call = jax.ffi.ffi_call("jaxinfer_fmatmul", jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
+        return [jnp.zeros((*batch, n), jnp.float32) for n in ns]
+    call = jax.ffi.ffi_call("jaxinfer_fmatmul_many", [jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32) for n in ns],
                             vmap_method="sequential")
     build.library()  # built and registered before the call is lowered
-    y = call(x2, layer.astype(jnp.int32), w, contract_first=np.int64(contract_first), threads=np.int64(threads or 0),
-             isa=np.int64(_isa_code(isa)))
-    return y.reshape(*batch, n)
+    ys = call(x2, layer, *ws, threads=np.int64(threads or 0), isa=np.int64(_isa_code(isa)))
+    return [y.reshape(*batch, n) for y, n in zip(ys, ns)]
 
 
 def fmatmul_reference(x: jax.Array, w: jax.Array, *, contract_first: bool) -> jax.Array:
