@@ -363,11 +363,12 @@ def check_quantized_matmul(matmul) -> str | None:
     return matmul
 
 
-# From this many rows of activations on (a prefill chunk, a scored window), XLA's dequantize-and-dot contracts a
+# Past this many rows of activations (a prefill chunk, a scored window), XLA's dequantize-and-dot contracts a
 # quantized weight instead of the CPU kernel: an f32 sgemm over the layer's weights dequantized as the layer runs
-# outran the kernel's float tiles there (measured 2026-12-03, 2 cores, Q4_1 / Q8_0 / Q4_0, 576x1536 and 1536x576:
-# at 32 rows 0.8-1.6x, at 128-512 rows XLA 1.0-1.7x faster; at 2-8 rows the kernel 1.4-2.5x faster).
-KERNEL_MAX_ROWS = 63
+# outran the kernel's int16 tiles there. Measured on the default model (Q4_1, 2 cores, 2026-12-03, generate's prefill
+# of one prompt, interleaved): 64 rows 146-149 ms through the kernel vs 170-189 through XLA; 128 rows 321-336 vs
+# 274-290; 256 rows 663-673 vs 501-518.
+KERNEL_MAX_ROWS = 64
 
 
 def kernel_activations(w, matmul: str | None, rows: int | None = None) -> str | None:

@@ -57,6 +57,16 @@ MIXED_REQUESTS = [
 ]
 
 
+def test_prompt_buckets_pad_at_most_a_third():
+    from jaxinfer.generate import MIN_PROMPT_BUCKET, prompt_bucket
+
+    assert [prompt_bucket(n) for n in (1, 16, 17, 25, 33, 41, 49, 65, 100, 129)] == [
+        16, 16, 24, 32, 48, 48, 64, 96, 128, 192]
+    for n in range(1, 1025):
+        b = prompt_bucket(n)
+        assert b >= max(n, MIN_PROMPT_BUCKET) and (n <= MIN_PROMPT_BUCKET or 2 * b <= 3 * n), (n, b)  # padding <= b / 3
+
+
 def test_compiled_programs_stay_within_the_buckets(tiny, compilations):
     from jaxinfer.generate import DEFAULT_PREFILL_CHUNK, MIN_CAPACITY_BUCKET, MIN_NEW_TOKENS_BUCKET
     from jaxinfer.generate import bucket, prompt_chunks
