@@ -459,9 +459,8 @@ def _float_einsum(lhs: str, rhs: str, out: str, contracted: str, x: jax.Array, w
         x, x_rest = _contracted_last(lhs, c, x)
         y = cpu_fmatmul.fmatmul(x.astype(jnp.float32), stack, contract_first=first,
                                 layer=None if of is None else of.index)  # [..., N]
-        y = y.reshape(*y.shape[:-1], *out_shape)
-        y = y if f"{x_rest}{w_out}" == out else jnp.einsum(f"{x_rest}{w_out}->{out}", y)
-        return y.astype(kwargs.get("preferred_element_type") or jnp.result_type(x.dtype, w.dtype))
+        dtype = kwargs.get("preferred_element_type") or jnp.result_type(x.dtype, w.dtype)
+        return _kernel_result(y, out_shape, x_rest, w_out, out, dtype)
     if of is not None:
         w = of.sliced()
     return jnp.einsum(f"{lhs},{w_rhs}->{out}", x, w.reshape(merged), **kwargs)
@@ -487,7 +486,7 @@ def _kernel_einsum(lhs: str, w_out: str, c: str, out: str, x: jax.Array, w: Quan
     x, x_rest = _contracted_last(lhs, c, x)
     parts, layer = _kernel_parts(w, of)
     y = cpu_qmatmul.qmatmul(x, w.layout, parts, layer=layer, activations=activations)  # [..., N] float32
-    return _kernel_result(y, w, x_rest, w_out, out, dtype)
+    return _kernel_result(y, w.out_shape, x_rest, w_out, out, dtype)
 
 
 def _contracted_last(lhs: str, c: str, x: jax.Array) -> tuple[jax.Array, str]:
@@ -505,9 +504,10 @@ def _kernel_parts(w: QuantArray, of: LayerOf | None = None) -> tuple[dict[str, j
     return {name: p.reshape(p.shape[0], rows, p.shape[-1]) for name, p in of.stack.parts.items()}, of.index
 
 
-def _kernel_result(y: jax.Array, w: QuantArray, x_rest: str, w_out: str, out: str, dtype) -> jax.Array:
-    """The kernel's y [..., N] -> w's out dims unflattened, in out's letter order, as dtype."""
-    y = y.reshape(*y.shape[:-1], *w.out_shape).astype(dtype)
+def _kernel_result(y: jax.Array, out_shape: tuple[int, ...], x_rest: str, w_out: str, out: str, dtype) -> jax.Array:
+    """A kernel's y [..., N] -> the weight's out dims (out_shape, letters w_out) unflattened, in out's letter order,
+    as dtype."""
+    y = y.reshape(*y.shape[:-1], *out_shape).astype(dtype)
     return y if f"{x_rest}{w_out}" == out else jnp.einsum(f"{x_rest}{w_out}->{out}", y)
 
 
@@ -531,7 +531,7 @@ def einsums(specs: list[str], x: jax.Array, ws: list, *, matmul: str | None = No
     results = []
     for y, (w, _), (w_out, out) in zip(ys, layers, outs):
         dtype = kwargs.get("preferred_element_type") or jnp.result_type(x.dtype, w.dtype)
-        results.append(_kernel_result(y, w, x_rest, w_out, out, dtype))
+        results.append(_kernel_result(y, w.out_shape, x_rest, w_out, out, dtype))
     return results
 
 
@@ -561,9 +561,8 @@ def _fused_float_call(specs, x, ws, matmul, kwargs) -> list[jax.Array] | None:
     ys = cpu_fmatmul.fmatmul_many(x2.astype(jnp.float32), stacks, layer=None if ofs[0] is None else ofs[0].index)
     results = []
     for y, (w, _), (out_shape, w_out, out) in zip(ys, layers, outs):
-        y = y.reshape(*y.shape[:-1], *out_shape)
-        y = y if f"{x_rest}{w_out}" == out else jnp.einsum(f"{x_rest}{w_out}->{out}", y)
-        results.append(y.astype(kwargs.get("preferred_element_type") or jnp.result_type(x.dtype, w.dtype)))
+        dtype = kwargs.get("preferred_element_type") or jnp.result_type(x.dtype, w.dtype)
+        results.append(_kernel_result(y, out_shape, x_rest, w_out, out, dtype))
     return results
 
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.cpu_kernels import build
+from jaxinfer.cpu_kernels.qmatmul import check_layer
 
 ISAS = ("scalar", "avx2")  # fmatmul.cc's Isa values 1, 2
 
@@ -50,7 +51,7 @@ def fmatmul(x: jax.Array, w: jax.Array, *, contract_first: bool, layer: jax.Arra
     k, n = _check(x, w, contract_first, layer, threads)
     if layer is None:
         w, layer = w[None], 0  # a stack of one
-    layer = _check_layer(layer)
+    layer = check_layer(layer)
     batch = x.shape[:-1]
     x2 = x.reshape(-1, k)  # [M, K]
     if x2.shape[0] == 0:
@@ -81,14 +82,6 @@ def _check(x: jax.Array, w: jax.Array, contract_first: bool, layer, threads: int
     return k, n
 
 
-def _check_layer(layer) -> jax.Array:
-    """layer (int or traced) -> an int32 scalar, or a ValueError naming what it is."""
-    layer = jnp.asarray(layer)
-    if layer.shape != () or not jnp.issubdtype(layer.dtype, jnp.integer):
-        raise ValueError(f"layer must be an integer scalar, got {layer.dtype}{list(layer.shape)}")
-    return layer.astype(jnp.int32)
-
-
 def fmatmul_many(x: jax.Array, ws: list[jax.Array], *, layer: jax.Array | int | None = None,
                  threads: int | None = None, isa: str | None = None) -> list[jax.Array]:
     """[fmatmul(x, w, contract_first=True, layer=layer) for w in ws] in one call (a layer's q, k and v; its gate and
@@ -101,7 +94,7 @@ def fmatmul_many(x: jax.Array, ws: list[jax.Array], *, layer: jax.Array | int | 
         _check(x, w, True, layer, threads)
     if layer is None:
         ws, layer = [w[None] for w in ws], 0  # stacks of one
-    layer = _check_layer(layer)
+    layer = check_layer(layer)
     ns = [w.shape[-1] for w in ws]
     batch = x.shape[:-1]
     x2 = x.reshape(-1, k)  # [M, K]

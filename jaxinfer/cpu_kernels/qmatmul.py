@@ -118,7 +118,7 @@ def qmatmul(x: jax.Array, layout: str, parts: dict[str, jax.Array], *, layer: ja
     n = lead[-1]
     if layer is None:
         parts, layer = {name: p[None] for name, p in parts.items()}, 0  # [1, N, n]: a stack of one
-    layer = _check_layer(layer)
+    layer = check_layer(layer)
     batch = x.shape[:-1]
     x2 = x.astype(jnp.float32).reshape(-1, k)  # [M, K]: the leading dims fold into M
     if x2.shape[0] == 0:
@@ -150,7 +150,7 @@ def qmatmul_many(x: jax.Array, layout: str, weights: list[dict[str, jax.Array]],
         weights, layer = [{name: p[None] for name, p in w.items()} for w in weights], 0  # stacks of one
     elif len({lead[0] for lead in leads}) != 1:
         raise ValueError(f"the stacked weights hold different numbers of layers: {[lead[0] for lead in leads]}")
-    layer = _check_layer(layer)
+    layer = check_layer(layer)
     ns = [lead[-1] for lead in leads]
     batch = x.shape[:-1]
     x2 = x.astype(jnp.float32).reshape(-1, k)  # [M, K]
@@ -168,7 +168,7 @@ def qmatmul_many(x: jax.Array, layout: str, weights: list[dict[str, jax.Array]],
     return [y.reshape(*batch, n) for y, n in zip(ys, ns)]
 
 
-def _check_layer(layer) -> jax.Array:
+def check_layer(layer) -> jax.Array:
     """layer (int or traced) -> an int32 scalar, or a ValueError naming what it is."""
     layer = jnp.asarray(layer)
     if layer.shape != () or not jnp.issubdtype(layer.dtype, jnp.integer):
